@@ -1,0 +1,226 @@
+"""Synthetic tasks in the verl schema, for the CPU demo and tests.
+
+- arithmetic: "Compute 7+5. Put the final answer in \\boxed{}." with ground truth "12"
+  (ability "math", graded by the math verifier);
+- code: tiny stdin/stdout programs ("read two integers and print their sum") with APPS-style
+  tests {"inputs": [...], "outputs": [...]} stored as a JSON string (ability "code").
+
+Rows are a pure function of (n, seed, options); the writers pick parquet or jsonl by the file
+extension. Command line:
+
+    python -m prime.data.synthetic data/arith_train.parquet --n 256 --seed 0 --kind arith
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import operator
+import os
+import random
+from collections.abc import Callable, Sequence
+from fractions import Fraction
+from pathlib import Path
+
+ARITH_OPS = ("+", "-", "*", "/")
+ARITH_SOURCE = "synthetic/arith"
+CODE_SOURCE = "synthetic/code"
+ARITH_TEMPLATE = "Compute {expr}. Put the final answer in \\boxed{{}}."
+
+_AST_OPS: dict[type, Callable[[Fraction, Fraction], Fraction]] = {
+    ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
+}
+
+
+def eval_arith(expr: str) -> Fraction:
+    """Exactly evaluate an expression of integers and + - * / with the usual precedence.
+
+    Used to compute ground truths (and by tests to recompute them); anything other than integer
+    literals, the four operators and unary minus is rejected.
+    """
+    def ev(node: ast.AST) -> Fraction:
+        if isinstance(node, ast.Expression):
+            return ev(node.body)
+        if isinstance(node, ast.Constant) and type(node.value) is int:
+            return Fraction(node.value)
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+            return -ev(node.operand)
+        if isinstance(node, ast.BinOp) and type(node.op) in _AST_OPS:
+            return _AST_OPS[type(node.op)](ev(node.left), ev(node.right))
+        raise ValueError(f"unsupported element {ast.dump(node)} in arithmetic expression {expr!r}")
+
+    return ev(ast.parse(expr, mode="eval"))
+
+
+def _check_ops(ops: Sequence[str]) -> tuple[str, ...]:
+    ops = tuple(ops)
+    bad = [o for o in ops if o not in ARITH_OPS]
+    if not ops or bad:
+        raise ValueError(f"ops must be a non-empty subset of {ARITH_OPS}, got {ops!r}")
+    return ops
+
+
+def arithmetic_rows(
+    n: int,
+    seed: int = 0,
+    max_operand: int = 10,
+    ops: Sequence[str] = ("+", "-", "*"),
+    num_terms: int = 2,
+    template: str = ARITH_TEMPLATE,
+) -> list[dict]:
+    """Generate `n` arithmetic prompts in the verl schema.
+
+    Args:
+        n: number of rows.
+        seed: random seed; the same arguments always give the same rows.
+        max_operand: operands are drawn from 0..max_operand (divisors from 1..max_operand).
+        ops: operators to use, a subset of + - * /. Expressions whose exact value is not an
+            integer (possible with /) are redrawn, so every ground truth is an integer.
+        num_terms: operands per expression (difficulty); precedence is the usual one.
+        template: user message with an `{expr}` slot.
+    """
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    if max_operand < 1:
+        raise ValueError(f"max_operand must be >= 1, got {max_operand}")
+    if num_terms < 2:
+        raise ValueError(f"num_terms must be >= 2, got {num_terms}")
+    if "{expr}" not in template:
+        raise ValueError(f"template must contain '{{expr}}', got {template!r}")
+    ops = _check_ops(ops)
+    rng = random.Random(seed)
+    rows = []
+    attempts = 0
+    while len(rows) < n:
+        attempts += 1
+        if attempts > 1000 * (n + 1):
+            raise ValueError(f"could not draw integer-valued expressions with ops={ops!r}, "
+                             f"num_terms={num_terms}, max_operand={max_operand}; use fewer '/' terms")
+        terms = [str(rng.randint(0, max_operand))]
+        for _ in range(num_terms - 1):
+            op = rng.choice(ops)
+            low = 1 if op == "/" else 0
+            terms += [op, str(rng.randint(low, max_operand))]
+        expr = "".join(terms)
+        value = eval_arith(expr)  # divisors are >= 1, so this never divides by zero
+        if value.denominator != 1:
+            continue
+        rows.append({
+            "data_source": ARITH_SOURCE,
+            "prompt": [{"role": "user", "content": template.format(expr=expr)}],
+            "ability": "math",
+            "reward_model": {"ground_truth": str(value.numerator), "style": "rule"},
+            "extra_info": {"index": len(rows), "split": "train", "expression": expr},
+        })
+    return rows
+
+
+# Each code task: (statement, how to build one input from two ints, the expected output).
+_CODE_TASKS: dict[str, tuple[str, Callable[[int, int], str]]] = {
+    "sum": ("Read two integers a and b from standard input (on one line, separated by a space) "
+            "and print their sum.", lambda a, b: str(a + b)),
+    "difference": ("Read two integers a and b from standard input (on one line, separated by a "
+                   "space) and print a - b.", lambda a, b: str(a - b)),
+    "product": ("Read two integers a and b from standard input (on one line, separated by a space) "
+                "and print their product.", lambda a, b: str(a * b)),
+    "max": ("Read two integers a and b from standard input (on one line, separated by a space) "
+            "and print the larger of the two.", lambda a, b: str(max(a, b))),
+}
+CODE_TASKS = tuple(_CODE_TASKS)
+CODE_SUFFIX = "\nWrite a Python program and put it in a ```python code block."
+
+
+def code_task_output(task: str, a: int, b: int) -> str:
+    """Expected stdout of `task` on input "a b" (with the trailing newline print adds)."""
+    if task not in _CODE_TASKS:
+        raise ValueError(f"unknown code task {task!r}; valid tasks: {', '.join(CODE_TASKS)}")
+    return _CODE_TASKS[task][1](a, b) + "\n"
+
+
+def code_rows(n: int, seed: int = 0, num_tests: int = 3, max_operand: int = 100,
+              tasks: Sequence[str] = CODE_TASKS) -> list[dict]:
+    """Generate `n` stdin/stdout coding prompts with APPS-style tests.
+
+    `reward_model.ground_truth` is a JSON string {"inputs": ["3 4\\n", ...], "outputs": ["7\\n", ...]},
+    the format the code verifier and the Eurus-2 code rows use.
+    """
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    if num_tests < 1:
+        raise ValueError(f"num_tests must be >= 1, got {num_tests}")
+    tasks = tuple(tasks)
+    bad = [t for t in tasks if t not in _CODE_TASKS]
+    if not tasks or bad:
+        raise ValueError(f"tasks must be a non-empty subset of {CODE_TASKS}, got {tasks!r}")
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        task = rng.choice(tasks)
+        pairs = [(rng.randint(-max_operand, max_operand), rng.randint(-max_operand, max_operand))
+                 for _ in range(num_tests)]
+        tests = {"inputs": [f"{a} {b}\n" for a, b in pairs],
+                 "outputs": [code_task_output(task, a, b) for a, b in pairs]}
+        rows.append({
+            "data_source": CODE_SOURCE,
+            "prompt": [{"role": "user", "content": _CODE_TASKS[task][0] + CODE_SUFFIX}],
+            "ability": "code",
+            "reward_model": {"ground_truth": json.dumps(tests), "style": "rule"},
+            "extra_info": {"index": i, "split": "train", "task": task},
+        })
+    return rows
+
+
+def write_rows(rows: list[dict], out_path: str | os.PathLike) -> Path:
+    """Write rows to .parquet or .jsonl (chosen by extension); parent folders are created."""
+    path = Path(out_path)
+    if path.suffix not in (".parquet", ".jsonl"):
+        raise ValueError(f"output path {str(path)!r} must end in .parquet or .jsonl")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(rows), path)
+    else:
+        with path.open("w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+    return path
+
+
+def make_arithmetic_dataset(out_path: str | os.PathLike, n: int, seed: int = 0, max_operand: int = 10,
+                            ops: Sequence[str] = ("+", "-", "*"), num_terms: int = 2) -> Path:
+    """Write `arithmetic_rows(...)` to `out_path` (.parquet or .jsonl) and return the path."""
+    return write_rows(arithmetic_rows(n, seed, max_operand, ops, num_terms), out_path)
+
+
+def make_code_dataset(out_path: str | os.PathLike, n: int, seed: int = 0, num_tests: int = 3,
+                      max_operand: int = 100) -> Path:
+    """Write `code_rows(...)` to `out_path` (.parquet or .jsonl) and return the path."""
+    return write_rows(code_rows(n, seed, num_tests, max_operand), out_path)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m prime.data.synthetic",
+                                     description="Write a synthetic RL prompt dataset (verl schema).")
+    parser.add_argument("out", help="output file, .parquet or .jsonl")
+    parser.add_argument("--n", type=int, default=256, help="number of rows")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--kind", choices=("arith", "code"), default="arith")
+    parser.add_argument("--max-operand", type=int, default=None,
+                        help="largest operand (default 10 for arith, 100 for code)")
+    parser.add_argument("--ops", default="+-*", help="arith operators, e.g. '+-*/'")
+    parser.add_argument("--num-terms", type=int, default=2, help="arith operands per expression")
+    parser.add_argument("--num-tests", type=int, default=3, help="code tests per task")
+    args = parser.parse_args(argv)
+    if args.kind == "arith":
+        path = make_arithmetic_dataset(args.out, args.n, args.seed, args.max_operand or 10,
+                                       tuple(args.ops), args.num_terms)
+    else:
+        path = make_code_dataset(args.out, args.n, args.seed, args.num_tests, args.max_operand or 100)
+    print(f"wrote {args.n} {args.kind} rows to {path}")
+
+
+if __name__ == "__main__":
+    main()
