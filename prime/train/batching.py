@@ -1,0 +1,137 @@
+"""Splitting a rollout batch into mini-batches (one optimizer step each) and micro-batches
+(one forward/backward each).
+
+Pure functions over lists and tensors; no DeepSpeed here.
+
+Why a token budget: responses differ a lot in length, so a fixed number of rows per micro-batch
+either wastes memory on short rows or runs out of it on long ones. A micro-batch is padded to its
+longest row, so its cost is `rows x longest row`; we pack rows until that product would exceed
+`max_tokens_per_micro_batch`. The loss does not depend on the split because every micro-batch
+loss is normalised by the global (mini-batch, all ranks) normaliser, see `prime/train/policy.py`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+def _group_units(n: int, group_ids: Sequence[int] | None) -> list[list[int]]:
+    """Indices grouped into the units that must stay together, in first-appearance order."""
+    if group_ids is None:
+        return [[i] for i in range(n)]
+    if len(group_ids) != n:
+        raise ValueError(f"group_ids has {len(group_ids)} entries but there are {n} samples")
+    units: dict[int, list[int]] = {}
+    for i, g in enumerate(group_ids):
+        units.setdefault(int(g), []).append(i)
+    return list(units.values())
+
+
+def make_micro_batches(
+    lengths: Sequence[int],
+    max_tokens_per_micro_batch: int,
+    group_ids: Sequence[int] | None = None,
+) -> list[list[int]]:
+    """Pack samples into micro-batches whose padded size stays within a token budget.
+
+    Args:
+        lengths: number of real tokens of each sample (prompt + response).
+        max_tokens_per_micro_batch: budget on `rows x longest row` of one micro-batch.
+        group_ids: when given, all samples with the same id land in the same micro-batch
+            (GVPO and the PRM's DPO loss need whole groups).
+
+    Returns:
+        A list of index lists. Every sample is in exactly one micro-batch; indices inside a
+        micro-batch are ascending. A sample (or group) larger than the budget gets a micro-batch
+        of its own. Units are packed longest first, which keeps padding low and is deterministic.
+    """
+    if max_tokens_per_micro_batch <= 0:
+        raise ValueError(f"max_tokens_per_micro_batch must be positive, got {max_tokens_per_micro_batch}")
+    lengths = [int(x) for x in lengths]
+    units = _group_units(len(lengths), group_ids)
+    # Longest unit first (stable, so ties keep their input order).
+    units.sort(key=lambda u: -max(lengths[i] for i in u))
+
+    micro_batches: list[list[int]] = []
+    current: list[int] = []
+    current_max = 0
+    for unit in units:
+        unit_max = max(lengths[i] for i in unit)
+        new_rows = len(current) + len(unit)
+        new_max = max(current_max, unit_max)
+        if current and new_rows * new_max > max_tokens_per_micro_batch:
+            micro_batches.append(sorted(current))
+            current, current_max = [], 0
+            new_rows, new_max = len(unit), unit_max
+        current.extend(unit)
+        current_max = new_max
+    if current:
+        micro_batches.append(sorted(current))
+    return micro_batches
+
+
+def make_mini_batches(
+    n: int, mini_batch_size: int, group_ids: Sequence[int] | None = None
+) -> list[list[int]]:
+    """Split `n` samples, in order, into mini-batches of about `mini_batch_size` samples.
+
+    Without `group_ids` these are consecutive slices (the last one may be smaller). With
+    `group_ids` whole groups are kept together: groups are taken in first-appearance order and a
+    mini-batch is closed as soon as it holds at least `mini_batch_size` samples.
+    """
+    if mini_batch_size <= 0:
+        raise ValueError(f"mini_batch_size must be positive, got {mini_batch_size}")
+    mini_batches: list[list[int]] = []
+    current: list[int] = []
+    for unit in _group_units(n, group_ids):
+        current.extend(unit)
+        if len(current) >= mini_batch_size:
+            mini_batches.append(sorted(current))
+            current = []
+    if current:
+        mini_batches.append(sorted(current))
+    return mini_batches
+
+
+def select_rows(batch: dict, index: Sequence[int], batch_size: int) -> dict:
+    """Rows `index` of every tensor in `batch` whose first dimension is `batch_size`.
+
+    Other values (scalars, tensors of other shapes) are passed through unchanged.
+    """
+    idx = torch.as_tensor(list(index), dtype=torch.long)
+    out = {}
+    for key, value in batch.items():
+        if isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == batch_size:
+            out[key] = value.index_select(0, idx.to(value.device))
+        else:
+            out[key] = value
+    return out
+
+
+def trim_padding(input_ids, attention_mask, position_ids, response_mask):
+    """Drop columns that are padding in every row: leading prompt padding and trailing response
+    padding. The layout (left-padded prompts of width P, right-padded responses of width T) is
+    kept, so log-probs of the trimmed batch are the first `T'` columns of the untrimmed ones.
+
+    Returns (input_ids, attention_mask, position_ids, response_mask, kept_response_width).
+    """
+    seq_width = input_ids.shape[1]
+    resp_width = response_mask.shape[1]
+    prompt_width = seq_width - resp_width
+    prompt_mask = attention_mask[:, :prompt_width]  # [b, P]
+    used_prompt_cols = prompt_mask.any(dim=0).nonzero()
+    start = int(used_prompt_cols[0]) if used_prompt_cols.numel() else prompt_width - 1
+    # Keep at least one prompt column: log-probs of the first response token come from it.
+    start = min(start, prompt_width - 1)
+    used_resp_cols = (response_mask > 0).any(dim=0).nonzero()
+    keep_resp = int(used_resp_cols[-1]) + 1 if used_resp_cols.numel() else 1
+    end = prompt_width + keep_resp
+    return (
+        input_ids[:, start:end],
+        attention_mask[:, start:end],
+        position_ids[:, start:end],
+        response_mask[:, :keep_resp],
+        keep_resp,
+    )

@@ -1,0 +1,283 @@
+"""DeepSpeed engine construction and the few distributed helpers the trainers share.
+
+deepspeed is imported lazily so that importing `prime.train` stays cheap.
+
+Gradient accumulation, the way the trainers use it:
+    The trainers normalise every micro-batch loss by the GLOBAL normaliser of its mini-batch
+    (token or sequence count summed over all micro-batches and all data-parallel ranks), so the
+    gradient we want is the gradient of the plain SUM of the micro-batch losses over micro-batches
+    and ranks. DeepSpeed divides the loss by `gradient_accumulation_steps` inside
+    `engine.backward` (and in its output hooks), and averages gradients over data-parallel ranks.
+    So the engine is configured with `gradient_accumulation_steps = 1` (the division is a no-op),
+    the accumulation boundary is set by hand (`set_gradient_accumulation_boundary(False)` for every
+    micro-batch but the last, `True` for the last, then one `engine.step()`), and each rank
+    multiplies its loss by the data-parallel world size before `backward` to undo the averaging
+    (see `backward_micro_batches`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import socket
+from collections.abc import Callable
+
+import torch
+
+VALID_LR_SCHEDULES = ("constant", "cosine")
+VALID_ZERO_STAGES = (0, 1, 2, 3)
+
+
+def lr_factor(
+    step: int,
+    *,
+    warmup_steps: int = 0,
+    schedule: str = "constant",
+    total_steps: int | None = None,
+    min_lr_ratio: float = 0.0,
+) -> float:
+    """Multiplier of the base learning rate for optimizer step `step` (0 = the first step).
+
+    Linear warm-up over `warmup_steps` steps (step 0 already uses 1/warmup_steps, never 0), then
+    `constant` (1.0) or `cosine` decay from 1.0 to `min_lr_ratio` at `total_steps`.
+    """
+    if schedule not in VALID_LR_SCHEDULES:
+        raise ValueError(f"lr_schedule={schedule!r} is not valid; choose one of {VALID_LR_SCHEDULES}")
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    if total_steps is None:
+        raise ValueError("lr_schedule='cosine' needs total_steps (the number of optimizer steps)")
+    decay_steps = max(1, total_steps - warmup_steps)
+    progress = min(1.0, max(0.0, (step - warmup_steps) / decay_steps))
+    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _import_deepspeed():
+    """Import deepspeed quietly, choosing the CPU accelerator when there is no GPU."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+    from deepspeed.utils import logger as ds_logger
+
+    if not torch.cuda.is_available():
+        # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce op (over a minute, and
+        # it needs a C++ toolchain) that only tensor-parallel inference uses. Training does not.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+    ds_logger.setLevel(logging.WARNING)
+    return deepspeed
+
+
+def ensure_distributed() -> None:
+    """Initialise torch.distributed if the caller has not.
+
+    When RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT are in the environment (a launcher set them)
+    they are used; otherwise a single-process group is created on 127.0.0.1 with a free port.
+    The backend is nccl on GPU and gloo on CPU.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return
+    deepspeed = _import_deepspeed()
+    launched = all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
+    if not launched:
+        os.environ.update(
+            MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0"
+        )
+    os.environ.setdefault("LOCAL_RANK", os.environ["RANK"])
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    deepspeed.init_distributed(dist_backend=backend)
+
+
+def world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def all_reduce(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """In-place all-reduce over the default group (no-op for one process). `op`: sum | max | min.
+
+    gloo cannot reduce tensors that live on a GPU and nccl cannot reduce CPU tensors, so the
+    tensor is moved to the backend's device and back.
+    """
+    import torch.distributed as dist
+
+    if world_size() == 1:
+        return tensor
+    ops = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+    if op not in ops:
+        raise ValueError(f"op={op!r} is not valid; choose one of {tuple(ops)}")
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    work = tensor.to(device)
+    dist.all_reduce(work, op=ops[op])
+    tensor.copy_(work.to(tensor.device))
+    return tensor
+
+
+def build_engine(
+    model: torch.nn.Module,
+    *,
+    lr: float,
+    weight_decay: float = 0.0,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    grad_clip: float = 1.0,
+    zero_stage: int = 2,
+    offload_optimizer: bool = False,
+    bf16: bool = False,
+    lr_warmup_steps: int = 0,
+    lr_schedule: str = "constant",
+    total_steps: int | None = None,
+    min_lr_ratio: float = 0.0,
+    gradient_checkpointing: bool = False,
+):
+    """Wrap `model` in a DeepSpeed engine with AdamW, grad-norm clipping and a warm-up/decay schedule.
+
+    `gradient_accumulation_steps` is 1 and the caller sets the accumulation boundary by hand, see
+    the module docstring. On a machine without a GPU the CPU accelerator is used and optimizer
+    offload is meaningless (everything is already on the CPU), so it is ignored there.
+    `grad_clip <= 0` disables clipping.
+    """
+    if zero_stage not in VALID_ZERO_STAGES:
+        raise ValueError(f"zero_stage={zero_stage!r} is not valid; choose one of {VALID_ZERO_STAGES}")
+    if lr_schedule not in VALID_LR_SCHEDULES:
+        raise ValueError(f"lr_schedule={lr_schedule!r} is not valid; choose one of {VALID_LR_SCHEDULES}")
+    if lr_schedule == "cosine" and not total_steps:
+        raise ValueError("lr_schedule='cosine' needs total_steps (the number of optimizer steps)")
+    if lr <= 0:
+        raise ValueError(f"lr must be positive, got {lr}")
+
+    ensure_distributed()
+    deepspeed = _import_deepspeed()
+    on_gpu = torch.cuda.is_available()
+    offload = bool(offload_optimizer and on_gpu)
+    if offload_optimizer and not on_gpu:
+        logging.getLogger(__name__).info("offload_optimizer ignored: no GPU, the optimizer is on the CPU already")
+
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "config"):
+            model.config.use_cache = False
+
+    zero: dict = {"stage": zero_stage}
+    if offload and zero_stage > 0:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    config = {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 1,
+        "train_batch_size": world_size(),
+        "gradient_clipping": float(grad_clip) if grad_clip and grad_clip > 0 else 0.0,
+        "zero_optimization": zero,
+        "bf16": {"enabled": bool(bf16)},
+        "optimizer": {
+            "type": "AdamW",
+            # torch.optim.AdamW everywhere except with CPU offload, where DeepSpeedCPUAdam is the
+            # fast choice; FusedAdam would need a compiled extension.
+            "params": {
+                "lr": lr,
+                "betas": list(betas),
+                "eps": eps,
+                "weight_decay": weight_decay,
+                "torch_adam": not offload,
+            },
+        },
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+    def make_scheduler(optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+        def factor(step: int) -> float:
+            return lr_factor(
+                step,
+                warmup_steps=lr_warmup_steps,
+                schedule=lr_schedule,
+                total_steps=total_steps,
+                min_lr_ratio=min_lr_ratio,
+            )
+
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, model_parameters=params, config=config, lr_scheduler=make_scheduler
+    )
+    return engine
+
+
+def backward_micro_batches(
+    engine,
+    n_micro_batches: int,
+    loss_fn: Callable[[int], torch.Tensor],
+) -> None:
+    """Run backward over `n_micro_batches` micro-batches with the boundary set by hand.
+
+    `loss_fn(k)` does the forward of micro-batch k and returns its loss, already normalised by
+    the global normaliser (so the wanted gradient is that of the sum over micro-batches and
+    ranks). The loss is multiplied by the data-parallel world size because DeepSpeed averages
+    gradients over ranks. Call `engine.step()` afterwards. Every rank must pass the same
+    `n_micro_batches` (ZeRO-2/3 communicate inside backward).
+    """
+    scale = float(world_size())
+    for k in range(n_micro_batches):
+        engine.set_gradient_accumulation_boundary(k == n_micro_batches - 1)
+        loss = loss_fn(k)
+        engine.backward(loss * scale)
+
+
+def optimizer_step(engine) -> float:
+    """`engine.step()`; returns the global gradient norm before clipping.
+
+    ZeRO (stages 1-3) and the bf16 optimizer record the norm; plain stage 0 in fp32 does not, so
+    it is computed here from the already all-reduced gradients before the step.
+    """
+    norm = None
+    if engine.zero_optimization_stage() == 0 and not engine.bfloat16_enabled():
+        grads = [p.grad.detach().float() for p in engine.module.parameters() if p.grad is not None]
+        norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))) if grads else 0.0
+    engine.step()
+    if norm is None:
+        recorded = engine.get_global_grad_norm()
+        norm = float("nan") if recorded is None else float(recorded)
+    return norm
+
+
+def gather_named_weights(module: torch.nn.Module, zero_stage: int, tie_lm_head: bool = True) -> dict:
+    """Full, HF-named state dict on the CPU (gathering ZeRO-3 partitions one tensor at a time).
+
+    Tied parameters are listed under every name (`lm_head.weight` next to
+    `model.embed_tokens.weight`): inference engines expect every checkpoint tensor.
+    """
+    out: dict[str, torch.Tensor] = {}
+    if zero_stage == 3:
+        deepspeed = _import_deepspeed()
+        for name, p in module.named_parameters(remove_duplicate=False):
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+                out[name] = p.data.detach().to("cpu", copy=True)
+        for mod_name, mod in module.named_modules():
+            for buf_name, buf in mod.named_buffers(recurse=False):
+                # Non-persistent buffers (rotary inv_freq) are not checkpoint tensors.
+                if buf is not None and buf_name not in mod._non_persistent_buffers_set:
+                    out[f"{mod_name}.{buf_name}" if mod_name else buf_name] = buf.detach().to("cpu", copy=True)
+    else:
+        for name, t in module.state_dict().items():
+            out[name] = t.detach().to("cpu", copy=True)
+        for name, p in module.named_parameters(remove_duplicate=False):
+            out.setdefault(name, p.detach().to("cpu", copy=True))
+    if tie_lm_head and "lm_head.weight" not in out:
+        for key in ("model.embed_tokens.weight", "embed_tokens.weight"):
+            if key in out:
+                out["lm_head.weight"] = out[key].clone()
+                break
+    return out
