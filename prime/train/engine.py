@@ -167,8 +167,6 @@ def build_engine(
 
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if hasattr(model, "config"):
-            model.config.use_cache = False
 
     zero: dict = {"stage": zero_stage}
     if offload and zero_stage > 0:
@@ -281,3 +279,58 @@ def gather_named_weights(module: torch.nn.Module, zero_stage: int, tie_lm_head: 
                 out["lm_head.weight"] = out[key].clone()
                 break
     return out
+
+
+ENGINE_TAG = "engine"
+_TOKENIZER_FILE_PREFIXES = ("tokenizer", "vocab", "merges", "special_tokens_map", "added_tokens", "chat_template")
+
+
+def save_engine_checkpoint(engine, path: str) -> None:
+    """DeepSpeed checkpoint (weights, optimizer and LR-scheduler state) under `path`.
+
+    Collective: every rank must call it (each writes its ZeRO partition). `path` must be on a
+    file system all ranks share.
+    """
+    engine.save_checkpoint(path, tag=ENGINE_TAG)
+
+
+def load_engine_checkpoint(engine, path: str) -> None:
+    """Restore what `save_engine_checkpoint` wrote (collective)."""
+    if not os.path.isdir(os.path.join(path, ENGINE_TAG)):
+        raise FileNotFoundError(f"no engine checkpoint at {path!r} (expected a {ENGINE_TAG!r} folder inside)")
+    load_path, _ = engine.load_checkpoint(
+        path, tag=ENGINE_TAG, load_optimizer_states=True, load_lr_scheduler_states=True
+    )
+    if load_path is None:
+        raise RuntimeError(f"DeepSpeed could not load the checkpoint at {path!r}")
+
+
+def save_hf_folder(engine, zero_stage: int, source_path: str, out_dir: str) -> None:
+    """Write a plain Hugging Face folder (config, safetensors weights, generation config and the
+    tokenizer of `source_path`) loadable by transformers and vLLM. Collective under ZeRO-3;
+    rank 0 writes.
+    """
+    import shutil
+
+    import torch.distributed as dist
+
+    module = engine.module
+    weights = gather_named_weights(module, zero_stage)
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    if rank == 0:
+        os.makedirs(out_dir, exist_ok=True)
+        if getattr(module.config, "tie_word_embeddings", False):
+            # Tied: the head is the embedding; storing it twice confuses loaders.
+            weights.pop("lm_head.weight", None)
+        module.save_pretrained(out_dir, state_dict=weights, safe_serialization=True)
+        if os.path.isdir(source_path):
+            for name in sorted(os.listdir(source_path)):
+                src = os.path.join(source_path, name)
+                if os.path.isfile(src) and (name.startswith(_TOKENIZER_FILE_PREFIXES) or name.endswith((".model", ".tiktoken"))):
+                    shutil.copy2(src, os.path.join(out_dir, name))
+        else:
+            from transformers import AutoTokenizer
+
+            AutoTokenizer.from_pretrained(source_path).save_pretrained(out_dir)
+    if world_size() > 1:
+        dist.barrier()

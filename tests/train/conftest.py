@@ -1,0 +1,31 @@
+"""Fixtures for the training tests: one tiny Qwen2 checkpoint per session and packed batches."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path(tmp_path_factory) -> str:
+    from prime.models.tiny import build_tiny_model
+
+    # hidden 64, 2 layers: small enough that a DeepSpeed step takes well under a second on CPU.
+    return build_tiny_model(str(tmp_path_factory.mktemp("tiny")), hidden_size=64, num_layers=2, num_heads=1,
+                            head_dim=64, vocab="byte", seed=0)
+
+
+def make_batch(n: int = 8, group_size: int = 4, seed: int = 0, vocab: int = 200, pad_id: int = 0) -> dict:
+    """A packed batch of `n` random prompt/response pairs of varied lengths, in groups of `group_size`."""
+    from prime.models.logprobs import pack_sequences
+
+    gen = torch.Generator().manual_seed(seed)
+    prompts, responses = [], []
+    for _ in range(n):
+        p_len = int(torch.randint(2, 7, (1,), generator=gen))
+        r_len = int(torch.randint(1, 9, (1,), generator=gen))
+        prompts.append(torch.randint(1, vocab, (p_len,), generator=gen).tolist())
+        responses.append(torch.randint(1, vocab, (r_len,), generator=gen).tolist())
+    batch = pack_sequences(prompts, responses, pad_id)
+    batch["group_ids"] = torch.arange(n) // group_size
+    return batch
