@@ -1,0 +1,286 @@
+"""Stage bodies of one RL step (ALGORITHMS.md section 5). The loop in `launch/train.py` calls them in order.
+
+Every stage returns its metrics; wall times are taken by the caller's `StageTimer`, and the seconds
+each actor spent computing are returned by the actors themselves so the driver can report the
+framework's own overhead (`timing/overhead` = step wall time minus the actors' compute time).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import ray
+import torch
+
+from prime.algo.advantages import (
+    grpo_advantages,
+    prime_advantages,
+    reinforce_pp_advantages,
+    rloo_advantages,
+)
+from prime.algo.filters import accuracy_filter, truncation_filter
+from prime.data.dataset import PromptDataset, PromptItem
+from prime.data.sampler import PromptSampler
+from prime.models.logprobs import pack_sequences
+from prime.rollout.base import Completion
+from workers.group import ActorGroup, shard_groups
+
+
+class StageTimer:
+    """Wall time per named stage (`timing/<name>`) and actor compute time (`compute/<name>`)."""
+
+    def __init__(self) -> None:
+        self.metrics: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            key = f"timing/{name}"
+            self.metrics[key] = self.metrics.get(key, 0.0) + time.perf_counter() - t0
+
+    def compute(self, name: str, seconds: float) -> None:
+        key = f"compute/{name}"
+        self.metrics[key] = self.metrics.get(key, 0.0) + seconds
+
+
+@dataclass
+class Group:
+    """One prompt and its K responses with their verifier scores."""
+
+    prompt: PromptItem
+    completions: list[Completion]
+    scores: list[float]
+
+
+@dataclass
+class CollectResult:
+    groups: list[Group]
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------------------
+# generate -> verify -> filter, with oversampling until the batch is full
+# --------------------------------------------------------------------------------------------------
+
+
+def generate(rollout: ActorGroup, prompts: list[PromptItem], *, n: int, max_new_tokens: int,
+             temperature: float, top_p: float, seed: int, timer: StageTimer) -> list[list[Completion]]:
+    """Split prompts across engines (contiguous chunks), generate n each, keep prompt order."""
+    engines = rollout.actors
+    chunks = [prompts[i::len(engines)] for i in range(len(engines))]
+    refs = [
+        e.generate.remote([p.prompt_ids for p in chunk], n, max_new_tokens, temperature, top_p, seed + i)
+        for i, (e, chunk) in enumerate(zip(engines, chunks)) if chunk
+    ]
+    results = ray.get(refs)
+    timer.compute("generate", max(sec for _, sec in results))
+    out: list[list[Completion]] = [None] * len(prompts)  # type: ignore[list-item]
+    for i, (outs, _) in enumerate(results):
+        for j, comp in enumerate(outs):
+            out[i + j * len(engines)] = comp
+    return out
+
+
+def verify(verifier: ActorGroup, prompts: list[PromptItem], completions: list[list[Completion]],
+           timer: StageTimer) -> tuple[list[list[float]], dict[str, float]]:
+    """Grade every response; the items are spread over the verifier actors."""
+    items = [
+        {"ability": p.ability, "data_source": p.data_source, "response": c.text, "ground_truth": p.ground_truth}
+        for p, comps in zip(prompts, completions) for c in comps
+    ]
+    actors = verifier.actors
+    chunks = [items[i::len(actors)] for i in range(len(actors))]
+    t0 = time.perf_counter()
+    results = ray.get([a.score.remote(chunk) for a, chunk in zip(actors, chunks) if chunk])
+    timer.compute("verify", time.perf_counter() - t0)
+    flat = [0.0] * len(items)
+    metrics: dict[str, float] = {}
+    for i, (scores, m) in enumerate(results):
+        for j, s in enumerate(scores):
+            flat[i + j * len(actors)] = float(s)
+        for k, v in m.items():
+            if k in ("verify/timeouts", "verify/errors", "verify/items"):
+                metrics[k] = metrics.get(k, 0.0) + float(v)
+    k = len(completions[0]) if completions else 0
+    return [flat[i * k:(i + 1) * k] for i in range(len(prompts))], metrics
+
+
+def keep_groups(scores: list[list[float]], completions: list[list[Completion]], *, accuracy: bool, acc_low: float,
+                acc_high: float, truncated: bool) -> list[bool]:
+    """Which groups survive the accuracy and truncation filters (pure)."""
+    if not scores:
+        return []
+    k = len(scores[0])
+    group_ids = torch.arange(len(scores)).repeat_interleave(k)  # [G*K]
+    keep = torch.ones(len(scores) * k, dtype=torch.bool)
+    if accuracy:
+        acc = torch.tensor([s for g in scores for s in g], dtype=torch.float32)
+        keep &= accuracy_filter(acc, group_ids, acc_low, acc_high)
+    if truncated:
+        cut = torch.tensor([c.finish_reason == "length" for g in completions for c in g])
+        keep &= truncation_filter(cut, group_ids)
+    return keep.view(len(scores), k)[:, 0].tolist()
+
+
+def collect_groups(*, rollout: ActorGroup, verifier: ActorGroup, dataset: PromptDataset, sampler: PromptSampler,
+                   batch_size: int, n: int, max_new_tokens: int, temperature: float, top_p: float, seed: int,
+                   accuracy: bool, acc_low: float, acc_high: float, truncated: bool, max_rounds: int,
+                   oversample: float, multiple_of: int, timer: StageTimer) -> CollectResult:
+    """Generate, verify and filter rounds until `batch_size` groups pass (or `max_rounds` is reached).
+
+    Rounds after the first ask for the missing groups times `oversample`. Groups beyond the batch are
+    dropped and counted (`filter/surplus_groups`). If no group passes in `max_rounds` rounds, the last
+    round's groups are used unfiltered (`filter/fallback` = 1) so the step still trains.
+    """
+    filtering = accuracy or truncated
+    kept: list[Group] = []
+    m = {"filter/rounds": 0.0, "filter/generated_groups": 0.0, "verify/timeouts": 0.0, "verify/errors": 0.0,
+         "verify/items": 0.0}
+    all_scores: list[float] = []
+    last_round: list[Group] = []
+    for rnd in range(max_rounds if filtering else 1):
+        missing = batch_size - len(kept)
+        if missing <= 0:
+            break
+        want = math.ceil(missing * oversample) if filtering else missing
+        prompts = dataset.batch(sampler.next_batch(want))
+        with timer("generate"):
+            completions = generate(rollout, prompts, n=n, max_new_tokens=max_new_tokens, temperature=temperature,
+                                   top_p=top_p, seed=seed * 1000 + rnd, timer=timer)
+        with timer("verify"):
+            scores, vm = verify(verifier, prompts, completions, timer)
+        for key, v in vm.items():
+            m[key] = m.get(key, 0.0) + v
+        with timer("filter"):
+            flags = keep_groups(scores, completions, accuracy=accuracy, acc_low=acc_low, acc_high=acc_high,
+                                truncated=truncated) if filtering else [True] * len(prompts)
+        last_round = [Group(p, c, s) for p, c, s in zip(prompts, completions, scores)]
+        kept.extend(g for g, f in zip(last_round, flags) if f)
+        all_scores.extend(s for g in scores for s in g)
+        m["filter/rounds"] += 1
+        m["filter/generated_groups"] += len(prompts)
+    m["filter/fallback"] = 0.0
+    if not kept:
+        kept = last_round
+        m["filter/fallback"] = 1.0
+    m["filter/surplus_groups"] = float(max(0, len(kept) - batch_size))
+    kept = kept[:batch_size]
+    # Every data-parallel rank needs whole groups and the same number of them.
+    usable = max(multiple_of, len(kept) // multiple_of * multiple_of)
+    if len(kept) >= multiple_of:
+        m["filter/surplus_groups"] += len(kept) - usable
+        kept = kept[:usable]
+    m["filter/kept_groups"] = float(len(kept))
+    m["filter/partial"] = float(len(kept) < batch_size)
+    m["filter/kept_frac"] = m["filter/kept_groups"] / max(1.0, m["filter/generated_groups"])
+    m["verify/mean_score_all"] = sum(all_scores) / max(1, len(all_scores))
+    return CollectResult(kept, m)
+
+
+# --------------------------------------------------------------------------------------------------
+# Batch tensors
+# --------------------------------------------------------------------------------------------------
+
+
+def build_batch(groups: list[Group], pad_id: int) -> dict[str, torch.Tensor]:
+    """Pack kept groups, K consecutive rows per prompt, into the padded layout of `pack_sequences`."""
+    prompts = [g.prompt.prompt_ids for g in groups for _ in g.completions]
+    responses = [c.token_ids if c.token_ids else [pad_id] for g in groups for c in g.completions]
+    batch = pack_sequences(prompts, responses, pad_id)
+    for i, (g, c) in enumerate((g, c) for g in groups for c in g.completions):
+        if not c.token_ids:  # an engine may return nothing; keep one masked pad so shapes stay valid
+            batch["response_mask"][i].zero_()
+            batch["response_mask"][i, 0] = 1.0
+    t = batch["response_mask"].shape[1]
+    rollout_logp = torch.zeros(len(responses), t)  # [B, T]
+    for i, c in enumerate(c for g in groups for c in g.completions):
+        if c.logprobs:
+            rollout_logp[i, : len(c.logprobs)] = torch.tensor(c.logprobs, dtype=torch.float32)
+    batch["rollout_logp"] = rollout_logp
+    batch["acc"] = torch.tensor([s for g in groups for s in g.scores], dtype=torch.float32)  # [B]
+    k = len(groups[0].completions)
+    batch["group_ids"] = torch.arange(len(groups)).repeat_interleave(k)  # [B]
+    batch["truncated"] = torch.tensor([c.finish_reason == "length" for g in groups for c in g.completions])
+    return batch
+
+
+def response_metrics(batch: dict[str, torch.Tensor]) -> dict[str, float]:
+    lens = batch["response_mask"].sum(1)
+    acc = batch["acc"]
+    return {
+        "response/mean_len": float(lens.mean()),
+        "response/max_len": float(lens.max()),
+        "response/truncated_frac": float(batch["truncated"].float().mean()),
+        "verify/mean_score": float(acc.mean()),
+        "batch/responses": float(acc.numel()),
+        "batch/tokens": float(batch["attention_mask"].sum()),
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# Sharded calls on the training groups
+# --------------------------------------------------------------------------------------------------
+
+TENSOR_KEYS_PER_ROW = ("input_ids", "attention_mask", "position_ids", "response_mask")
+
+
+def shard(batch: dict[str, torch.Tensor], indices: list[int]) -> dict[str, torch.Tensor]:
+    idx = torch.tensor(indices, dtype=torch.long)
+    b = batch["input_ids"].shape[0]
+    return {k: (v.index_select(0, idx) if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == b else v)
+            for k, v in batch.items()}
+
+
+def shards_for(group: ActorGroup, batch: dict[str, torch.Tensor], k: int) -> list[list[int]]:
+    return shard_groups(batch["input_ids"].shape[0], k, group.world_size)
+
+
+def sharded_logprobs(group: ActorGroup, batch: dict[str, torch.Tensor], k: int, timer: StageTimer,
+                     name: str) -> torch.Tensor:
+    """Log-probs [B, T] from a data-parallel group (each rank its shard of whole groups)."""
+    parts = shards_for(group, batch, k)
+    keys = TENSOR_KEYS_PER_ROW
+    refs = group.call_async(lambda a, r: a.compute_logprobs.remote({kk: shard(batch, parts[r])[kk] for kk in keys}))
+    results = ray.get(refs)
+    timer.compute(name, max(sec for _, sec in results))
+    out = torch.zeros(batch["response_mask"].shape)
+    for idx, (logp, _) in zip(parts, results):
+        out[idx] = logp
+    return out
+
+
+def logprob_gap(rollout_logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor) -> float:
+    """Mean |rollout log-prob - trainer log-prob| over response tokens: the weight-sync health check."""
+    return float(((rollout_logp - old_logp).abs() * mask).sum() / mask.sum().clamp(min=1))
+
+
+# --------------------------------------------------------------------------------------------------
+# Advantages
+# --------------------------------------------------------------------------------------------------
+
+
+def compute_advantages(name: str, *, acc: torch.Tensor, group_ids: torch.Tensor, mask: torch.Tensor,
+                       process_rewards: torch.Tensor | None, norm_by_std: bool, gamma: float,
+                       process_coef: float, outcome_coef: float, gamma_process: float,
+                       gamma_outcome: float) -> torch.Tensor:
+    """Token-level advantages [B, T] for the PPO-style estimators (GVPO uses the scores directly)."""
+    if name == "prime":
+        return prime_advantages(process_rewards, acc, group_ids, mask, process_coef=process_coef,
+                                outcome_coef=outcome_coef, gamma_process=gamma_process,
+                                gamma_outcome=gamma_outcome)
+    if name == "grpo":
+        return grpo_advantages(acc, group_ids, mask, norm_by_std=norm_by_std)
+    if name == "rloo":
+        return rloo_advantages(acc, group_ids, mask)
+    if name == "reinforce_pp":
+        last = (mask.cumsum(1) == mask.sum(1, keepdim=True)) & (mask > 0)  # [B, T] last valid token
+        token_rewards = last.float() * acc[:, None]
+        return reinforce_pp_advantages(token_rewards, mask, gamma=gamma)
+    raise ValueError(f"algo.name={name!r} has no token advantages; valid: prime, grpo, rloo, reinforce_pp")
