@@ -15,7 +15,7 @@ def tiny_model_path(tmp_path_factory) -> str:
                             head_dim=64, vocab="byte", seed=0)
 
 
-def make_batch(n: int = 8, group_size: int = 4, seed: int = 0, vocab: int = 200, pad_id: int = 0) -> dict:
+def _make_batch(n: int = 8, group_size: int = 4, seed: int = 0, vocab: int = 200, pad_id: int = 0) -> dict:
     """A packed batch of `n` random prompt/response pairs of varied lengths, in groups of `group_size`."""
     from prime.models.logprobs import pack_sequences
 
@@ -29,3 +29,9 @@ def make_batch(n: int = 8, group_size: int = 4, seed: int = 0, vocab: int = 200,
     batch = pack_sequences(prompts, responses, pad_id)
     batch["group_ids"] = torch.arange(n) // group_size
     return batch
+
+
+@pytest.fixture
+def make_batch():
+    """Factory fixture: `make_batch(n, group_size, seed)` -> packed batch dict with group_ids."""
+    return _make_batch
