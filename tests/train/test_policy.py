@@ -76,6 +76,7 @@ def test_update_is_the_same_with_one_or_many_micro_batches(make_batch, tiny_mode
     m1, m2 = one.update(batch), many.update(batch)
     assert m1["policy/num_steps"] == m2["policy/num_steps"] == 2.0
     assert m1["policy/loss"] == pytest.approx(m2["policy/loss"], abs=1e-6)
+    assert m1["policy/grad_norm"] == pytest.approx(m2["policy/grad_norm"], rel=1e-5)
     assert _max_diff(_params(one), _params(many)) < 1e-6
 
 
