@@ -101,7 +101,10 @@ def build_roles(cfg: Config, model_path: str, prm_path: str, total_optimizer_ste
         shared_pg = shared_placement_group(cfg.cluster.policy_world_size, num_cpus=4 * cpus, num_gpus=1.0)
         train_gpu = 0.3
 
-    engine_env = threads | {"VLLM_CPU_KVCACHE_SPACE": str(cfg.rollout.cpu_kv_cache_gib)}
+    engine_env = threads | {
+        "VLLM_CPU_KVCACHE_SPACE": str(cfg.rollout.cpu_kv_cache_gib),
+        "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"),
+    }
     rollout = ActorGroup(
         RolloutWorker, cfg.rollout.num_engines, name="rollout", num_cpus=cpus,
         num_gpus=(0.3 if colocated else float(cfg.rollout.tensor_parallel_size)) if gpu else 0.0,
