@@ -213,6 +213,10 @@ class ClusterConfig:
     """Data-parallel ranks of the policy (DeepSpeed ZeRO)."""
     prm_world_size: int = 1
     cpus_per_actor: float = 1.0
+    weight_sync: Literal["object_store", "broadcast"] = "object_store"
+    """Policy -> engine transport: Ray object store, or a torch.distributed broadcast in buckets
+    (gloo on CPU, NCCL on GPU) from policy rank 0 to every engine."""
+    weight_sync_bucket_mb: int = 256
 
 
 @dataclass
