@@ -49,6 +49,39 @@ class RolloutWorker:
         self.engine.load_weights(items)
         return time.perf_counter() - t0
 
+    # ------------------------------------------------------------------ broadcast weight sync (workers/weight_sync.py)
+    def transport_info(self) -> dict[str, Any]:
+        from workers.weight_sync import local_transport_info
+
+        return local_transport_info()
+
+    def join_weight_sync(self, host: str, port: int, rank: int, world_size: int, backend: str, buckets: list,
+                         timeout_s: float) -> None:
+        """Join the weight-sync group as a receiver; `buckets` is the sender's plan (fixed for the run)."""
+        from workers.weight_sync import BroadcastChannel, local_transport_info
+
+        self._channel = BroadcastChannel(host, port, rank, world_size, backend, local_transport_info()["ip"],
+                                         timeout_s=timeout_s)
+        self._buckets = buckets
+
+    def receive_weights(self) -> dict[str, float]:
+        """Receive one broadcast sync and load it into the engine in place.
+
+        With vLLM the tensors then travel to the engine workers through `load_weights`
+        (collective_rpc); see workers/weight_sync.py for the direct NCCL route.
+        """
+        t0 = time.perf_counter()
+        named = self._channel.receive(self._buckets)
+        receive_s = time.perf_counter() - t0
+        load_s = self.load_weights(named)
+        return {"receive_seconds": receive_s, "load_seconds": load_s}
+
+    def close_weight_sync(self) -> None:
+        channel = getattr(self, "_channel", None)
+        if channel is not None:
+            channel.close()
+        self._channel = None
+
     def sleep(self) -> None:
         self.engine.sleep()
 
