@@ -83,7 +83,9 @@ class RolloutEngine(Protocol):
         ...
 
 
-def check_sampling_args(prompt_ids: list[list[int]], n: int, max_new_tokens: int, temperature: float, top_p: float) -> None:
+def check_sampling_args(
+    prompt_ids: list[list[int]], n: int, max_new_tokens: int, temperature: float, top_p: float
+) -> None:
     """Raise ValueError naming the bad value for out-of-range sampling arguments."""
     if not prompt_ids:
         raise ValueError("prompt_ids is empty; pass at least one prompt")

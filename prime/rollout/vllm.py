@@ -11,10 +11,11 @@ Conventions match `prime.rollout.hf.HFEngine` (see `prime.rollout.base`):
 - Weight updates go through the worker's `model_runner.reload_weights(weights_iterator=...)`,
   which runs the model's own checkpoint loader and then re-applies the backend's weight
   post-processing (the CPU backend repacks linear weights, so copying into parameters directly
-  is not enough). The tensors travel to the engine process inside a pickled callable, which
-  vLLM only accepts with `VLLM_ALLOW_INSECURE_SERIALIZATION=1`; this module sets it before the
-  engine starts. That route suits small models and CPU runs; on multi-GPU clusters a
-  broadcast-based transfer (NCCL / CUDA IPC) replaces it.
+  is not enough). A small function is sent to the workers through `LLM.collective_rpc`
+  (vLLM pickles callables only with `VLLM_ALLOW_INSECURE_SERIALIZATION=1`, which this module
+  sets before the engine starts), with the tensors as one safetensors byte string. The whole
+  state dict passes through the RPC channel, which suits small models and CPU runs; on
+  multi-GPU clusters a broadcast-based transfer (NCCL / CUDA IPC) replaces it.
 
 Scripts that create a `VLLMEngine` need an `if __name__ == "__main__":` guard: vLLM starts its
 engine core in a separate process.
@@ -23,12 +24,15 @@ engine core in a separate process.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from collections.abc import Iterable
 
 import torch
 
 from prime.rollout.base import FINISH_REASONS, Completion, check_sampling_args, check_score_args
+
+logger = logging.getLogger(__name__)
 
 # Tied-embedding checkpoints omit lm_head.weight; vLLM's reload still needs it (see load_weights).
 _EMBED = "model.embed_tokens.weight"
@@ -55,7 +59,8 @@ class VLLMEngine:
         max_model_len: longest prompt + response.
         enforce_eager: skip CUDA-graph capture (faster start, slower decode).
         seed: engine seed; requests without an explicit seed draw from it.
-        enable_sleep_mode: allow `sleep`/`wake_up` to release GPU memory (colocated training).
+        enable_sleep_mode: allow `sleep`/`wake_up` to release GPU memory (colocated training);
+            turned off with a warning where vLLM has no sleep mode (CPU).
         **extra: passed to `vllm.LLM` unchanged (e.g. `enable_prefix_caching`).
 
     On CPU, `VLLM_CPU_KVCACHE_SPACE` (GiB of KV cache) defaults to 1 here unless already set.
@@ -79,6 +84,10 @@ class VLLMEngine:
 
         if current_platform.is_cpu():
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        if enable_sleep_mode and not current_platform.is_sleep_mode_available():
+            # vLLM refuses to start with sleep mode on CPU; colocated configs still run there.
+            logger.warning("vLLM sleep mode is not available on this platform; sleep()/wake_up() are no-ops")
+            enable_sleep_mode = False
         self.model_path = model_path
         self.enable_sleep_mode = enable_sleep_mode
         extra.setdefault("logprobs_mode", "processed_logprobs")
