@@ -235,6 +235,16 @@ def restore(cfg: Config, roles: Roles, ckpt_root: str, sampler: PromptSampler) -
     return int(state["step"])
 
 
+def save_final(group, final: str) -> None:
+    """A plain HF folder that transformers and vLLM load directly, written to a temp name first."""
+    tmp = final + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    group.call(lambda a, r: a.save_hf.remote(tmp))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    log.info("wrote %s", final)
+
+
 # --------------------------------------------------------------------------------------------------
 # The loop
 # --------------------------------------------------------------------------------------------------
@@ -275,13 +285,9 @@ def run(cfg: Config, config_path: str | None = None) -> str:
                 save(cfg, roles, ckpt_root, step, sampler)
                 metrics["timing/checkpoint"] = time.perf_counter() - t0
             logger.log(step, metrics)
-        final = os.path.join(run_dir, "final_policy")
-        tmp = final + ".tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        roles.policy.call(lambda a, r: a.save_hf.remote(tmp))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        log.info("final policy written to %s", final)
+        save_final(roles.policy, os.path.join(run_dir, "final_policy"))
+        if roles.prm is not None:
+            save_final(roles.prm, os.path.join(run_dir, "final_prm"))
     finally:
         if logger is not None:
             logger.close()

@@ -9,7 +9,7 @@ Every aggregation mode is a SUM of per-token or per-sequence terms divided by a 
     token-mean               sum_{i,t} L[i,t] m[i,t]                    / N,  N = number of valid tokens
     seq-mean-token-mean      sum_i (sum_t L[i,t] m[i,t] / L_i)          / N,  N = number of sequences
     seq-mean-token-sum       sum_i  sum_t L[i,t] m[i,t]                 / N,  N = number of sequences
-    seq-mean-token-sum-norm  sum_i  sum_t L[i,t] m[i,t] / T_max         / N,  N = number of sequences
+    seq-mean-token-sum-norm  sum_i  sum_t L[i,t] m[i,t] / T_max,           no N (Dr. GRPO's constant T_max)
 
 The numerator is additive over any partition of the batch, so if every micro-batch divides its own
 partial sum by the GLOBAL N (the count over the whole optimizer-step batch: all micro-batches on all
@@ -17,7 +17,8 @@ data-parallel ranks), the micro-batch losses add up to exactly the full-batch lo
 gradients under gradient accumulation. Dividing by the micro-batch's own N instead would weight a
 token by 1/(tokens in its micro-batch), which changes the loss whenever micro-batches hold different
 numbers of tokens. ``global_normalizer=None`` uses the local N, which is right only when the call
-sees the whole batch.
+sees the whole batch. seq-mean-token-sum-norm divides by the constant T_max alone (as ALGORITHMS.md
+and verl define it), so it is additive over micro-batches by construction and ignores N.
 
 Data-parallel engines (DDP, DeepSpeed) AVERAGE gradients over the W ranks; with a global N the
 per-rank losses must be SUMMED, so multiply each rank's loss by W (equivalently pass N / W) when the
@@ -43,11 +44,15 @@ def local_normalizer(mask: torch.Tensor, mode: str) -> float:
     """This (micro-)batch's contribution to the global normaliser of ``mode``.
 
     Sum it over all micro-batches and ranks (e.g. with all_reduce) to get ``global_normalizer``:
-    the number of valid tokens for token-mean, the number of non-empty sequences otherwise.
+    the number of valid tokens for token-mean, the number of non-empty sequences for the other
+    seq-mean modes, and 1.0 for seq-mean-token-sum-norm (which has no count normaliser; the value is
+    ignored by :func:`aggregate_loss`).
     """
     _check_mode(mode)
     if mode == "token-mean":
         return float(mask.sum())
+    if mode == "seq-mean-token-sum-norm":
+        return 1.0
     return float((mask.sum(dim=-1) > 0).sum())
 
 
@@ -90,9 +95,9 @@ def aggregate_loss(
         numerator = (token_sums / lengths).sum()
     elif mode == "seq-mean-token-sum":
         numerator = token_sums.sum()
-    else:  # seq-mean-token-sum-norm
+    else:  # seq-mean-token-sum-norm: sum(L * m) / T_max, no count normaliser
         t_max = values.shape[-1] if max_len is None else max_len
-        numerator = token_sums.sum() / t_max
+        return token_sums.sum() / t_max
     return numerator / normalizer
 
 

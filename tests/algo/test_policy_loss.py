@@ -31,7 +31,7 @@ def values_mask():
         ("token-mean", 18.0 / 5.0),  # (1 + 2 + 4 + 5 + 6) / 5 valid tokens
         ("seq-mean-token-mean", (3.0 / 2.0 + 15.0 / 3.0) / 2.0),  # (1.5 + 5) / 2 sequences = 3.25
         ("seq-mean-token-sum", (3.0 + 15.0) / 2.0),  # 9
-        ("seq-mean-token-sum-norm", (3.0 + 15.0) / 3.0 / 2.0),  # T_max = 3: 18 / 3 / 2 = 3
+        ("seq-mean-token-sum-norm", (3.0 + 15.0) / 3.0),  # sum(L*m) / T_max = 18 / 3 = 6, no count
     ],
 )
 def test_aggregate_modes(values_mask, mode, expected):
@@ -41,8 +41,9 @@ def test_aggregate_modes(values_mask, mode, expected):
 
 def test_aggregate_sum_norm_max_len(values_mask):
     values, mask = values_mask
-    # max_len = 6: 18 / 6 / 2 sequences = 1.5
-    assert aggregate_loss(values, mask, "seq-mean-token-sum-norm", max_len=6).item() == pytest.approx(1.5)
+    # max_len = 6: 18 / 6 = 3 (a global normaliser does not apply to this mode)
+    assert aggregate_loss(values, mask, "seq-mean-token-sum-norm", max_len=6).item() == pytest.approx(3.0)
+    assert aggregate_loss(values, mask, "seq-mean-token-sum-norm", global_normalizer=7.0, max_len=6).item() == pytest.approx(3.0)
 
 
 def test_aggregate_global_normalizer(values_mask):
