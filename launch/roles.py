@@ -96,10 +96,13 @@ def build_roles(cfg: Config, model_path: str, prm_path: str, total_optimizer_ste
     colocated = cfg.cluster.placement == "colocated" and gpu
     shared_pg = None
     train_gpu = 1.0 if gpu else 0.0
+    share = 0.0
     if colocated:
-        # Every role's rank i shares bundle i's GPU; fractions keep Ray's accounting within one GPU.
-        shared_pg = shared_placement_group(cfg.cluster.policy_world_size, num_cpus=4 * cpus, num_gpus=1.0)
-        train_gpu = 0.3
+        # Every role's rank i shares bundle i's GPU; equal fractions keep Ray's accounting within one GPU.
+        roles_on_gpu = 2 + int(cfg.uses_prm) + int(cfg.uses_reference)
+        share = round(1.0 / roles_on_gpu - 0.005, 2)
+        shared_pg = shared_placement_group(cfg.cluster.policy_world_size, num_cpus=roles_on_gpu * cpus, num_gpus=1.0)
+        train_gpu = share
 
     engine_env = threads | {
         "VLLM_CPU_KVCACHE_SPACE": str(cfg.rollout.cpu_kv_cache_gib),
@@ -107,7 +110,7 @@ def build_roles(cfg: Config, model_path: str, prm_path: str, total_optimizer_ste
     }
     rollout = ActorGroup(
         RolloutWorker, cfg.rollout.num_engines, name="rollout", num_cpus=cpus,
-        num_gpus=(0.3 if colocated else float(cfg.rollout.tensor_parallel_size)) if gpu else 0.0,
+        num_gpus=(share if colocated else float(cfg.rollout.tensor_parallel_size)) if gpu else 0.0,
         env_vars=engine_env, shared_pg=shared_pg if colocated and cfg.rollout.num_engines <= cfg.cluster.policy_world_size else None,
         kwargs=dict(engine=cfg.rollout.engine, model_path=model_path,
                     engine_kwargs=rollout_engine_kwargs(cfg, model_path), env_vars=engine_env),

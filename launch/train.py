@@ -118,6 +118,9 @@ def train_step(cfg: Config, step: int, roles: Roles, dataset: PromptDataset, sam
         truncated=cfg.filter.truncated, max_rounds=cfg.filter.max_rounds, oversample=cfg.filter.oversample,
         multiple_of=cfg.cluster.policy_world_size, timer=timer,
     )
+    if cfg.rollout.enable_sleep_mode:  # colocated: free the engines' GPU memory while training
+        with timer("engine_sleep"):
+            roles.rollout.call(lambda a, r: a.sleep.remote())
     batch = build_batch(got.groups, pad_id)
     mask = batch["response_mask"]  # [B, T]
     metrics = dict(got.metrics) | response_metrics(batch)
@@ -179,6 +182,9 @@ def train_step(cfg: Config, step: int, roles: Roles, dataset: PromptDataset, sam
         metrics |= results[0][0]
 
     # 9. weight sync policy -> rollout engines
+    if cfg.rollout.enable_sleep_mode:
+        with timer("engine_wake"):
+            roles.rollout.call(lambda a, r: a.wake_up.remote())
     with timer("weight_sync"):
         sync_weights(roles.policy, roles.rollout)
     timer.compute("weight_sync", timer.metrics["timing/weight_sync"])
