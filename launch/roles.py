@@ -19,6 +19,7 @@ from workers.prm import PRMWorker
 from workers.reference import ReferenceWorker
 from workers.rollout import RolloutWorker
 from workers.verifier import VerifierWorker
+from workers.weight_sync import WeightSync, make_weight_sync
 
 
 @dataclass
@@ -29,8 +30,13 @@ class Roles:
     prm: ActorGroup | None
     reference: ActorGroup | None
     engine_start_s: float
+    weight_sync: WeightSync
 
     def shutdown(self) -> None:
+        try:
+            self.weight_sync.close()
+        except Exception:  # a transport whose peers are already gone needs no clean close
+            pass
         try:  # let engines stop their own subprocesses before their actors are killed
             ray.get([a.shutdown.remote() for a in self.rollout.actors], timeout=60)
         except Exception:  # an engine that already died needs no clean stop
@@ -139,5 +145,7 @@ def build_roles(cfg: Config, model_path: str, prm_path: str, total_optimizer_ste
                                            max_tokens_per_micro_batch=cfg.actor.max_tokens_per_micro_batch,
                                            temperature=cfg.rollout.temperature))
     starts = rollout.call(lambda a, r: a.ready.remote())
+    # After the trainer is built and the engines are up: the broadcast plan needs both.
+    weight_sync = make_weight_sync(cfg.cluster.weight_sync, policy, rollout, cfg.cluster.weight_sync_bucket_mb)
     return Roles(rollout=rollout, verifier=verifier, policy=policy, prm=prm, reference=reference,
-                 engine_start_s=max(starts))
+                 engine_start_s=max(starts), weight_sync=weight_sync)

@@ -42,7 +42,6 @@ from prime.data.dataset import PromptDataset, load_prompt_dataset
 from prime.data.sampler import PromptSampler
 from prime.train.checkpoint import find_latest, load_rng_state, save_checkpoint
 from workers.group import init_ray
-from workers.weight_sync import sync_weights
 
 log = logging.getLogger("prime")
 
@@ -186,7 +185,7 @@ def train_step(cfg: Config, step: int, roles: Roles, dataset: PromptDataset, sam
         with timer("engine_wake"):
             roles.rollout.call(lambda a, r: a.wake_up.remote())
     with timer("weight_sync"):
-        sync_weights(roles.policy, roles.rollout)
+        metrics |= roles.weight_sync.sync()
     timer.compute("weight_sync", timer.metrics["timing/weight_sync"])
 
     step_s = time.perf_counter() - t_step
@@ -236,7 +235,7 @@ def restore(cfg: Config, roles: Roles, ckpt_root: str, sampler: PromptSampler) -
         roles.prm.call(lambda a, r: a.load_checkpoint.remote(os.path.join(path, "prm")))
     sampler.load_state_dict(state["sampler"])
     load_rng_state(path)
-    sync_weights(roles.policy, roles.rollout)  # engines started from the initial weights
+    roles.weight_sync.sync()  # engines started from the initial weights
     log.info("resumed from %s at step %d", path, state["step"])
     return int(state["step"])
 

@@ -104,17 +104,17 @@ def test_prime_with_vllm_runs_checkpoints_and_resumes(tmp_path):
     assert state3["sampler"]["num_served"] > state["sampler"]["num_served"]
 
 
-@pytest.mark.parametrize("algo,extra", [
-    ("grpo", {"policy/clip_frac", "advantages/mean_abs"}),
-    ("gvpo", {"gvpo/loss"}),
+@pytest.mark.parametrize("algo,sync,extra", [
+    ("grpo", "object_store", {"policy/clip_frac", "advantages/mean_abs"}),
+    ("gvpo", "broadcast", {"gvpo/loss", "weight_sync/buckets"}),
 ])
-def test_grpo_and_gvpo_with_hf_engine(tmp_path, algo, extra):
+def test_grpo_and_gvpo_with_hf_engine(tmp_path, algo, sync, extra):
     from launch.train import run
 
     cfg = make_cfg(tmp_path, f"algo.name={algo}", "rollout.engine=hf", "trainer.total_steps=2",
-                   "trainer.save_every=2", f"trainer.run_name={algo}")
+                   "trainer.save_every=2", f"trainer.run_name={algo}", f"cluster.weight_sync={sync}")
     run_dir = run(cfg)
-    check_run(run_dir, 2, extra_keys=extra)
+    check_run(run_dir, 2, extra_keys=extra | {"weight_sync/bytes"})
     assert not (Path(run_dir) / "final_prm").exists()  # no PRM outside PRIME
 
 
