@@ -135,9 +135,11 @@ def collect_groups(*, rollout: ActorGroup, verifier: ActorGroup, dataset: Prompt
                    oversample: float, multiple_of: int, timer: StageTimer) -> CollectResult:
     """Generate, verify and filter rounds until `batch_size` groups pass (or `max_rounds` is reached).
 
-    Rounds after the first ask for the missing groups times `oversample`. Groups beyond the batch are
-    dropped and counted (`filter/surplus_groups`). If no group passes in `max_rounds` rounds, the last
-    round's groups are used unfiltered (`filter/fallback` = 1) so the step still trains.
+    Each round asks for the missing groups times `oversample`. Groups that pass beyond the batch are
+    not trained on: their prompts go back to the sampler's buffer and are generated again, first, in
+    the next step (`filter/surplus_groups`), so no prompt is skipped and every trained response is
+    on-policy. If no group passes in `max_rounds` rounds, the last round's groups are used unfiltered
+    (`filter/fallback` = 1) so the step still trains.
     """
     filtering = accuracy or truncated
     kept: list[Group] = []
@@ -170,13 +172,14 @@ def collect_groups(*, rollout: ActorGroup, verifier: ActorGroup, dataset: Prompt
     if not kept:
         kept = last_round
         m["filter/fallback"] = 1.0
-    m["filter/surplus_groups"] = float(max(0, len(kept) - batch_size))
-    kept = kept[:batch_size]
     # Every data-parallel rank needs whole groups and the same number of them.
-    usable = max(multiple_of, len(kept) // multiple_of * multiple_of)
-    if len(kept) >= multiple_of:
-        m["filter/surplus_groups"] += len(kept) - usable
-        kept = kept[:usable]
+    usable = min(batch_size, len(kept))
+    if usable >= multiple_of:
+        usable = usable // multiple_of * multiple_of
+    surplus = kept[usable:]
+    kept = kept[:usable]
+    sampler.put_back([g.prompt.index for g in surplus])
+    m["filter/surplus_groups"] = float(len(surplus))
     m["filter/kept_groups"] = float(len(kept))
     m["filter/partial"] = float(len(kept) < batch_size)
     m["filter/kept_frac"] = m["filter/kept_groups"] / max(1.0, m["filter/generated_groups"])

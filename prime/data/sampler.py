@@ -5,8 +5,12 @@ prompts, and when the accuracy filter throws away whole groups it asks for more 
 The sampler walks a fresh deterministic permutation of `range(dataset_len)` each epoch and
 crosses epoch boundaries inside one request when needed.
 
-Its whole state is (epoch, position): the permutation of an epoch is a pure function of
+Its whole state is (epoch, position, pending): the permutation of an epoch is a pure function of
 (seed, epoch), so a checkpoint that stores `state_dict()` resumes to exactly the same next prompts.
+
+`pending` is the prompt buffer: prompts handed back with `put_back` (the driver returns the
+prompts of groups that passed the filter but did not fit in a full batch) are served first, before
+the permutation continues, so oversampling never skips a prompt.
 """
 
 from __future__ import annotations
@@ -58,6 +62,7 @@ class PromptSampler:
         self.epoch = 0
         self.position = 0
         self.num_served = 0
+        self.pending: list[int] = []
         self._order = epoch_permutation(dataset_len, seed, 0, shuffle)
 
     def next_batch(self, n: int | None = None) -> list[int]:
@@ -70,7 +75,8 @@ class PromptSampler:
             n = self.batch_size
         if not isinstance(n, int) or n < 0:
             raise ValueError(f"next_batch(n) needs a non-negative integer n, got {n!r}")
-        out: list[int] = []
+        out: list[int] = self.pending[:n]
+        del self.pending[:n]
         while len(out) < n:
             take = min(n - len(out), self.dataset_len - self.position)
             out.extend(self._order[self.position:self.position + take])
@@ -79,6 +85,14 @@ class PromptSampler:
                 self._start_epoch(self.epoch + 1)
         self.num_served += n
         return out
+
+    def put_back(self, indices: list[int]) -> None:
+        """Return prompts to the buffer; the next `next_batch` calls serve them first, in order."""
+        bad = [i for i in indices if not isinstance(i, int) or not 0 <= i < self.dataset_len]
+        if bad:
+            raise ValueError(f"put_back got indices outside [0, {self.dataset_len}): {bad[:5]}")
+        self.pending.extend(indices)
+        self.num_served -= len(indices)
 
     def __iter__(self) -> Iterator[list[int]]:
         """Endless stream of `batch_size` batches; the driver decides when to stop."""
@@ -99,6 +113,7 @@ class PromptSampler:
             "dataset_len": self.dataset_len,
             "seed": self.seed,
             "shuffle": self.shuffle,
+            "pending": list(self.pending),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -123,3 +138,4 @@ class PromptSampler:
         self._start_epoch(epoch)
         self.position = position
         self.num_served = int(state.get("num_served", epoch * self.dataset_len + position))
+        self.pending = [int(i) for i in state.get("pending", [])]

@@ -102,3 +102,20 @@ def test_bad_arguments(kwargs, message):
 def test_negative_request():
     with pytest.raises(ValueError, match="non-negative integer n, got -1"):
         PromptSampler(4, batch_size=2).next_batch(-1)
+
+
+def test_put_back_serves_buffered_prompts_first_and_survives_resume():
+    s = PromptSampler(10, batch_size=4, seed=1)
+    first = s.next_batch(4)
+    s.put_back(first[2:])  # two prompts whose groups did not fit in the batch
+    state = s.state_dict()
+    nxt = s.next_batch(5)
+    assert nxt[:2] == first[2:]
+    # the other three continue the permutation exactly where it stopped
+    fresh = PromptSampler(10, batch_size=4, seed=1)
+    assert nxt[2:] == fresh.next_batch(7)[4:]
+    resumed = PromptSampler(10, batch_size=4, seed=1)
+    resumed.load_state_dict(state)
+    assert resumed.next_batch(5) == nxt
+    with pytest.raises(ValueError, match="outside"):
+        s.put_back([10])
