@@ -13,11 +13,12 @@ import time
 from typing import Any
 
 CONSOLE_KEYS = (
-    ("verify/mean_score", "acc", "{:.3f}"),
+    ("verify/mean_score_all", "acc", "{:.3f}"),  # over every generated response, before filtering
     ("filter/kept_groups", "kept", "{:.0f}"),
     ("prm/loss", "prm_loss", "{:.4f}"),
-    ("policy/loss", "pg_loss", "{:+.4f}"),
+    ("prm/acc", "prm_acc", "{:.2f}"),
     ("gvpo/loss", "gvpo_loss", "{:.4f}"),
+    ("policy/grad_norm", "grad_norm", "{:.3f}"),
     ("rollout/logprob_gap", "gap", "{:.1e}"),
     ("response/mean_len", "len", "{:.1f}"),
     ("timing/step", "step_s", "{:.1f}"),

@@ -66,8 +66,20 @@ def resolve_model(cfg: Config, run_dir: str) -> str:
     from prime.models.tiny import build_tiny_model, tiny_model_preset
 
     path = os.path.join(run_dir, f"init_model_{cfg.model.tiny_preset}")
-    if not os.path.exists(os.path.join(path, "config.json")):
-        build_tiny_model(path, seed=cfg.trainer.seed, **tiny_model_preset(cfg.model.tiny_preset))
+    if os.path.exists(os.path.join(path, "config.json")):
+        return path
+    # Built (and warm-started) under a temporary name, so a crash never leaves a half-made model.
+    tmp = path + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    build_tiny_model(tmp, seed=cfg.trainer.seed, **tiny_model_preset(cfg.model.tiny_preset))
+    if cfg.model.warm_start_steps:
+        from prime.models.warmstart import sft_warm_start
+
+        stats = sft_warm_start(tmp, steps=cfg.model.warm_start_steps, seed=cfg.trainer.seed,
+                               system_prompt=cfg.data.system_prompt)
+        log.info("warm start: %d supervised steps, loss %.3f -> %.3f in %.1f s", stats["warmstart/steps"],
+                 stats["warmstart/loss_first"], stats["warmstart/loss"], stats["warmstart/seconds"])
+    os.replace(tmp, path)
     return path
 
 

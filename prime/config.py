@@ -40,6 +40,9 @@ class ModelConfig:
     """HF hub id or local HF folder. Empty: build the local tiny model named by `tiny_preset`."""
     tiny_preset: Literal["tiny", "small"] = "tiny"
     """Which locally built model to use when `path` is empty (CPU demo and tests)."""
+    warm_start_steps: int = 0
+    """Supervised steps on the synthetic arithmetic task applied to the locally built model before RL,
+    so the demo starts, like PRIME, from an SFT model (0: start from random weights)."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Weights dtype for training and rollout (fp32 on CPU; bf16 on GPUs)."""
     trust_remote_code: bool = False
@@ -433,7 +436,14 @@ def validate(cfg: Config) -> None:
     }
     for key, v in positive_ints.items():
         need(v >= 1, f"{key} must be >= 1, got {v}")
+    if cfg.model.warm_start_steps:
+        need(
+            cfg.model.path == "",
+            f"model.warm_start_steps={cfg.model.warm_start_steps} applies only to the locally built model; "
+            f"set model.warm_start_steps=0 with model.path={cfg.model.path!r}",
+        )
     for key, v in {
+        "model.warm_start_steps": cfg.model.warm_start_steps,
         "trainer.save_every": cfg.trainer.save_every,
         "trainer.keep_last": cfg.trainer.keep_last,
         "actor.mini_batch_size": cfg.actor.mini_batch_size,

@@ -61,6 +61,7 @@ BAD = [
      ["whole groups", "actor.mini_batch_size (6)", "rollout.n (4)"]),
     (["trainer.batch_size=2", "rollout.n=2", "actor.mini_batch_size=8"], ["actor.mini_batch_size=8", "= 4"]),
     (["rollout"], ["not of the form section.key=value"]),
+    (["model.path=/ckpt", "model.warm_start_steps=10"], ["model.warm_start_steps=10", "locally built model"]),
     (["rollout=3"], ["rollout: expected a mapping"]),
     (["data.train_files=[]", "data.synthetic=none"], ["data.train_files is empty"]),
     (["trainer.batch_size=3", "cluster.policy_world_size=2"], ["trainer.batch_size (3)", "cluster.policy_world_size (2)"]),

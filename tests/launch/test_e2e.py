@@ -30,7 +30,7 @@ def make_cfg(tmp_path, *overrides):
     return build_config(load_yaml(str(REPO / "configs" / "tiny_cpu.yaml")), [
         f"trainer.output_dir={tmp_path}", "trainer.batch_size=2", "rollout.max_response_len=16",
         "logging.wandb_mode=offline", "logging.progress_bar=false", "cluster.num_cpus=6",
-        "data.synthetic_size=64", "filter.max_rounds=2", *overrides,
+        "data.synthetic_size=64", "filter.max_rounds=2", "model.warm_start_steps=0", *overrides,
     ])
 
 
