@@ -11,7 +11,9 @@ Presets are the files `configs/<preset>_cpu.yaml`. The accuracy and truncation f
 off for every preset (`filter.accuracy=false filter.truncated=false filter.max_rounds=1`): the
 models are random, so with the accuracy filter on nearly every group fails and a step regenerates
 `filter.max_rounds` times, which measures the filter rather than the framework. Each step therefore
-generates exactly `trainer.batch_size` prompts x `rollout.n` samples.
+generates exactly `trainer.batch_size` prompts x `rollout.n` samples. The models are not warm-started
+(`model.warm_start_steps=0`): a random model runs nearly every response to the length limit, so the
+token counts, and with them the step times, stay the same from run to run.
 
 Columns (seconds are means over the measured steps):
     generate .. weight_sync   the driver's wall time per stage (`timing/<stage>`)
@@ -29,7 +31,9 @@ times one extra sync after the steps, split into the policy's gather, the object
 and the engines' own load time.
 
 The machine's load averages are recorded before and after every pair; other jobs on the same cores
-inflate every number, so compare runs taken at a similar load.
+inflate every number, so compare runs taken at a similar load. The actors run at normal priority
+(`RAY_worker_niceness=0` unless set): at Ray's default nice 15, any other job on the machine takes
+nearly all of the CPU from them.
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGES = ("generate", "verify", "old_logprob", "prm", "advantages", "update_policy", "weight_sync")
 ENGINES = ("vllm", "hf")
-BENCH_OVERRIDES = ("filter.accuracy=false", "filter.truncated=false", "filter.max_rounds=1",
+BENCH_OVERRIDES = ("filter.accuracy=false", "filter.truncated=false", "filter.max_rounds=1", "model.warm_start_steps=0",
                    "trainer.resume=none", "trainer.save_every=0", "logging.wandb_mode=disabled",
                    "logging.progress_bar=false")
 
@@ -219,6 +223,9 @@ def main(argv: list[str] | None = None) -> int:
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    # Ray runs its workers at nice 15 by default; on a shared machine every other job then starves
+    # the actors and the stage times measure the neighbours. Normal priority unless set otherwise.
+    os.environ.setdefault("RAY_worker_niceness", "0")
     import ray
 
     rows = []
