@@ -250,7 +250,8 @@ def sharded_logprobs(group: ActorGroup, batch: dict[str, torch.Tensor], k: int, 
     """Log-probs [B, T] from a data-parallel group (each rank its shard of whole groups)."""
     parts = shards_for(group, batch, k)
     keys = TENSOR_KEYS_PER_ROW
-    refs = group.call_async(lambda a, r: a.compute_logprobs.remote({kk: shard(batch, parts[r])[kk] for kk in keys}))
+    sub = {kk: batch[kk] for kk in keys}
+    refs = group.call_async(lambda a, r: a.compute_logprobs.remote(shard(sub, parts[r])))
     results = ray.get(refs)
     timer.compute(name, max(sec for _, sec in results))
     out = torch.zeros(batch["response_mask"].shape)

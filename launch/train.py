@@ -153,8 +153,10 @@ def train_step(cfg: Config, step: int, roles: Roles, dataset: PromptDataset, sam
             parts = shards_for(roles.prm, batch, k)
             packed = ("input_ids", "attention_mask", "position_ids", "response_mask")
 
+            prm_batch = {kk: batch[kk] for kk in (*packed, "acc", "group_ids", "old_logp")}
+
             def prm_call(actor, r):
-                part = shard(batch, parts[r])
+                part = shard(prm_batch, parts[r])
                 ref = part["old_logp"] if cfg.prm.ref == "policy" else None
                 return actor.update_and_rewards.remote(
                     {kk: part[kk] for kk in packed}, part["acc"], part["group_ids"], cfg.prm.update, ref)
@@ -187,8 +189,8 @@ def train_step(cfg: Config, step: int, roles: Roles, dataset: PromptDataset, sam
         parts = shards_for(roles.policy, batch, k)
         train_keys = [kk for kk in ("input_ids", "attention_mask", "position_ids", "response_mask", "old_logp",
                                     "ref_logp", "advantages", "scores", "group_ids") if kk in batch]
-        results = roles.policy.call(lambda act, r: act.update.remote(
-            {kk: shard(batch, parts[r])[kk] for kk in train_keys}))
+        train_batch = {kk: batch[kk] for kk in train_keys}
+        results = roles.policy.call(lambda act, r: act.update.remote(shard(train_batch, parts[r])))
         timer.compute("update_policy", max(sec for _, sec in results))
         metrics |= results[0][0]
 
@@ -197,8 +199,11 @@ def train_step(cfg: Config, step: int, roles: Roles, dataset: PromptDataset, sam
         with timer("engine_wake"):
             roles.rollout.call(lambda a, r: a.wake_up.remote())
     with timer("weight_sync"):
-        metrics |= roles.weight_sync.sync()
-    timer.compute("weight_sync", timer.metrics["timing/weight_sync"])
+        sync = roles.weight_sync.sync()
+    metrics |= sync
+    # Compute = what the actors did (gather, broadcast, engine load); moving objects is overhead.
+    timer.compute("weight_sync", sum(sync.get(f"weight_sync/{kk}_seconds", 0.0)
+                                     for kk in ("gather", "broadcast", "load")))
 
     step_s = time.perf_counter() - t_step
     metrics |= timer.metrics
