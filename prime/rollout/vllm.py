@@ -79,6 +79,9 @@ class VLLMEngine:
         **extra,
     ):
         os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
+        # No usage reports leave the machine unless the user opts in.
+        os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+        os.environ.setdefault("DO_NOT_TRACK", "1")
         from vllm import LLM
         from vllm.platforms import current_platform
 
