@@ -29,12 +29,12 @@ def init_ray(address: str = "local", num_cpus: int = 0, env_vars: dict[str, str]
     if ray.is_initialized():
         return
     runtime_env = {"env_vars": dict(env_vars or {})}
+    # No usage reports leave the machine unless the user opts in.
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if address == "local":
         # Ray runs workers at nice 15 by default; on a shared box or a laptop any other job then
         # starves the actors (seen: PRM update 8-10 s -> 17-30 s). The driver waits on them anyway.
         os.environ.setdefault("RAY_worker_niceness", "0")
-    # No usage reports leave the machine unless the user opts in.
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         ray.init(
             num_cpus=num_cpus or os.cpu_count(),
             include_dashboard=False,
