@@ -37,13 +37,13 @@ class Roles:
             self.weight_sync.close()
         except Exception:  # a transport whose peers are already gone needs no clean close
             pass
-        try:  # let engines stop their own subprocesses before their actors are killed
-            ray.get([a.shutdown.remote() for a in self.rollout.actors], timeout=60)
-        except Exception:  # an engine that already died needs no clean stop
-            pass
-        for group in (self.rollout, self.verifier, self.policy, self.prm, self.reference):
-            if group is not None:
-                group.shutdown()
+        groups = [g for g in (self.rollout, self.verifier, self.policy, self.prm, self.reference) if g is not None]
+        for group in groups:
+            try:  # let each role stop its own subprocesses (engines, grading pools) before it is killed
+                ray.get([a.shutdown.remote() for a in group.actors], timeout=60)
+            except Exception:  # an actor that already died needs no clean stop
+                pass
+            group.shutdown()
 
 
 def torch_threads_env(cfg: Config) -> dict[str, str]:

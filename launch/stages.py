@@ -72,7 +72,7 @@ class CollectResult:
 
 def generate(rollout: ActorGroup, prompts: list[PromptItem], *, n: int, max_new_tokens: int,
              temperature: float, top_p: float, seed: int, timer: StageTimer) -> list[list[Completion]]:
-    """Split prompts across engines (contiguous chunks), generate n each, keep prompt order."""
+    """Deal prompts round-robin to the engines, generate n each, return them in prompt order."""
     engines = rollout.actors
     chunks = [prompts[i::len(engines)] for i in range(len(engines))]
     refs = [
@@ -138,15 +138,16 @@ def collect_groups(*, rollout: ActorGroup, verifier: ActorGroup, dataset: Prompt
     Each round asks for the missing groups times `oversample`. Groups that pass beyond the batch are
     not trained on: their prompts go back to the sampler's buffer and are generated again, first, in
     the next step (`filter/surplus_groups`), so no prompt is skipped and every trained response is
-    on-policy. If no group passes in `max_rounds` rounds, the last round's groups are used unfiltered
-    (`filter/fallback` = 1) so the step still trains.
+    on-policy. The batch is trimmed to a multiple of `multiple_of` (the data-parallel ranks, each of
+    which needs whole groups); if fewer groups than that passed in `max_rounds` rounds, generated
+    groups that failed the filter top it up (`filter/fallback_groups`) so the step still trains.
     """
     filtering = accuracy or truncated
     kept: list[Group] = []
     m = {"filter/rounds": 0.0, "filter/generated_groups": 0.0, "verify/timeouts": 0.0, "verify/errors": 0.0,
          "verify/items": 0.0}
     all_scores: list[float] = []
-    last_round: list[Group] = []
+    rejected: list[Group] = []
     for rnd in range(max_rounds if filtering else 1):
         missing = batch_size - len(kept)
         if missing <= 0:
@@ -163,19 +164,21 @@ def collect_groups(*, rollout: ActorGroup, verifier: ActorGroup, dataset: Prompt
         with timer("filter"):
             flags = keep_groups(scores, completions, accuracy=accuracy, acc_low=acc_low, acc_high=acc_high,
                                 truncated=truncated) if filtering else [True] * len(prompts)
-        last_round = [Group(p, c, s) for p, c, s in zip(prompts, completions, scores)]
-        kept.extend(g for g, f in zip(last_round, flags) if f)
+        m["rollout/generated_tokens"] = m.get("rollout/generated_tokens", 0.0) + sum(
+            len(c.token_ids) for comps in completions for c in comps)
+        groups = [Group(p, c, s) for p, c, s in zip(prompts, completions, scores)]
+        kept.extend(g for g, f in zip(groups, flags) if f)
+        rejected.extend(g for g, f in zip(groups, flags) if not f)
         all_scores.extend(s for g in scores for s in g)
         m["filter/rounds"] += 1
         m["filter/generated_groups"] += len(prompts)
-    m["filter/fallback"] = 0.0
-    if not kept:
-        kept = last_round
-        m["filter/fallback"] = 1.0
     # Every data-parallel rank needs whole groups and the same number of them.
-    usable = min(batch_size, len(kept))
-    if usable >= multiple_of:
-        usable = usable // multiple_of * multiple_of
+    fallback = rejected[: max(0, multiple_of - len(kept))]
+    kept.extend(fallback)
+    m["filter/fallback_groups"] = float(len(fallback))
+    usable = min(batch_size, len(kept)) // multiple_of * multiple_of
+    if usable == 0:  # cannot happen while trainer.batch_size is a multiple of the ranks (validated)
+        raise ValueError(f"only {len(kept)} groups were generated for {multiple_of} data-parallel ranks")
     surplus = kept[usable:]
     kept = kept[:usable]
     sampler.put_back([g.prompt.index for g in surplus])
@@ -258,6 +261,46 @@ def sharded_logprobs(group: ActorGroup, batch: dict[str, torch.Tensor], k: int, 
     for idx, (logp, _) in zip(parts, results):
         out[idx] = logp
     return out
+
+
+def prm_rewards(group: ActorGroup, batch: dict[str, torch.Tensor], k: int, *, mode: str, ref_is_policy: bool,
+                timer: StageTimer) -> tuple[torch.Tensor, dict[str, float]]:
+    """Implicit-PRM update (per `mode`) and token rewards [B, T], each rank on its shard of whole groups.
+
+    With `ref_is_policy` the reference log-probs are the policy's old log-probs (`prm.ref=policy`).
+    The trainers reduce losses and the reward normaliser across ranks, so every rank's metrics are global.
+    """
+    parts = shards_for(group, batch, k)
+    packed = TENSOR_KEYS_PER_ROW
+    sub = {kk: batch[kk] for kk in (*packed, "acc", "group_ids", "old_logp")}
+
+    def call(actor, r):
+        part = shard(sub, parts[r])
+        ref = part["old_logp"] if ref_is_policy else None
+        return actor.update_and_rewards.remote({kk: part[kk] for kk in packed}, part["acc"], part["group_ids"],
+                                               mode, ref)
+
+    results = group.call(call)
+    mask = batch["response_mask"]
+    rewards = torch.zeros(mask.shape)  # [B, T]
+    for idx, (r_part, _, _) in zip(parts, results):
+        rewards[idx] = r_part
+    timer.compute("prm", max(sec for _, _, sec in results))
+    metrics = dict(results[0][1])
+    metrics["prm/reward_mean"] = float((rewards * mask).sum() / mask.sum())
+    return rewards, metrics
+
+
+POLICY_KEYS = (*TENSOR_KEYS_PER_ROW, "old_logp", "ref_logp", "advantages", "scores", "group_ids")
+
+
+def policy_update(group: ActorGroup, batch: dict[str, torch.Tensor], k: int, timer: StageTimer) -> dict[str, float]:
+    """One RL update of the policy; each data-parallel rank trains on its shard of whole groups."""
+    parts = shards_for(group, batch, k)
+    sub = {kk: batch[kk] for kk in POLICY_KEYS if kk in batch}
+    results = group.call(lambda a, r: a.update.remote(shard(sub, parts[r])))
+    timer.compute("update_policy", max(sec for _, sec in results))
+    return dict(results[0][0])
 
 
 def logprob_gap(rollout_logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor) -> float:

@@ -32,9 +32,9 @@ from launch.stages import (
     collect_groups,
     compute_advantages,
     logprob_gap,
+    policy_update,
+    prm_rewards,
     response_metrics,
-    shard,
-    shards_for,
     sharded_logprobs,
 )
 from prime.config import Config, to_dict, to_yaml
@@ -150,26 +150,9 @@ def train_step(cfg: Config, step: int, roles: Roles, dataset: PromptDataset, sam
     process_rewards = None
     if roles.prm is not None:
         with timer("prm"):
-            parts = shards_for(roles.prm, batch, k)
-            packed = ("input_ids", "attention_mask", "position_ids", "response_mask")
-
-            prm_batch = {kk: batch[kk] for kk in (*packed, "acc", "group_ids", "old_logp")}
-
-            def prm_call(actor, r):
-                part = shard(prm_batch, parts[r])
-                ref = part["old_logp"] if cfg.prm.ref == "policy" else None
-                return actor.update_and_rewards.remote(
-                    {kk: part[kk] for kk in packed}, part["acc"], part["group_ids"], cfg.prm.update, ref)
-
-            results = roles.prm.call(prm_call)
-            rewards = torch.zeros(mask.shape)
-            for idx, (r_part, _, _) in zip(parts, results):
-                rewards[idx] = r_part
-            timer.compute("prm", max(sec for _, _, sec in results))
-            prm_metrics = results[0][1]
-            process_rewards = rewards
-            metrics |= prm_metrics
-            metrics["prm/reward_mean"] = float((rewards * mask).sum() / mask.sum())
+            process_rewards, prm_metrics = prm_rewards(roles.prm, batch, k, mode=cfg.prm.update,
+                                                       ref_is_policy=cfg.prm.ref == "policy", timer=timer)
+        metrics |= prm_metrics
 
     # 7. advantages (GVPO uses the verifier scores directly in its loss)
     with timer("advantages"):
@@ -186,13 +169,7 @@ def train_step(cfg: Config, step: int, roles: Roles, dataset: PromptDataset, sam
 
     # 8. policy update
     with timer("update_policy"):
-        parts = shards_for(roles.policy, batch, k)
-        train_keys = [kk for kk in ("input_ids", "attention_mask", "position_ids", "response_mask", "old_logp",
-                                    "ref_logp", "advantages", "scores", "group_ids") if kk in batch]
-        train_batch = {kk: batch[kk] for kk in train_keys}
-        results = roles.policy.call(lambda act, r: act.update.remote(shard(train_batch, parts[r])))
-        timer.compute("update_policy", max(sec for _, sec in results))
-        metrics |= results[0][0]
+        metrics |= policy_update(roles.policy, batch, k, timer)
 
     # 9. weight sync policy -> rollout engines
     if cfg.rollout.enable_sleep_mode:
@@ -211,10 +188,8 @@ def train_step(cfg: Config, step: int, roles: Roles, dataset: PromptDataset, sam
     compute = sum(v for kk, v in timer.metrics.items() if kk.startswith("compute/"))
     metrics["timing/overhead"] = max(0.0, step_s - compute)
     metrics["timing/overhead_frac"] = metrics["timing/overhead"] / step_s
-    gen_tokens = float(mask.sum())
     if metrics.get("compute/generate"):
-        metrics["perf/rollout_tokens_per_s"] = metrics.get("response/generated_tokens", gen_tokens) / metrics[
-            "compute/generate"]
+        metrics["perf/rollout_tokens_per_s"] = metrics["rollout/generated_tokens"] / metrics["compute/generate"]
     metrics["perf/train_tokens_per_s"] = float(batch["attention_mask"].sum()) / max(
         1e-9, metrics["timing/update_policy"])
     return metrics

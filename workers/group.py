@@ -32,6 +32,13 @@ def init_ray(address: str = "local", num_cpus: int = 0, env_vars: dict[str, str]
     # No usage reports leave the machine unless the user opts in.
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if address == "local":
+        # Ray rewrites 127.0.0.1 into the machine's routable address; a local instance stays on
+        # loopback only with its single-machine mode, read from the environment by every Ray process
+        # it starts, and from this constant by this process (which imported Ray already).
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+        from ray._private import ray_constants
+
+        ray_constants.ENABLE_RAY_CLUSTER = False
         # Ray runs workers at nice 15 by default; on a shared box or a laptop any other job then
         # starves the actors (seen: PRM update 8-10 s -> 17-30 s). The driver waits on them anyway.
         os.environ.setdefault("RAY_worker_niceness", "0")
@@ -47,14 +54,33 @@ def init_ray(address: str = "local", num_cpus: int = 0, env_vars: dict[str, str]
         ray.init(address=address, runtime_env=runtime_env)
 
 
+def node_ip() -> str:
+    """The address Ray registered for this actor's node (127.0.0.1 for a local instance).
+
+    `ray.util.get_node_ip_address()` guesses from the routing table instead, which on a local run
+    would send torch.distributed traffic over a non-loopback interface.
+    """
+    node_id = ray.get_runtime_context().get_node_id()
+    for node in ray.nodes():
+        if node["NodeID"] == node_id:
+            return node["NodeManagerAddress"]
+    return ray.util.get_node_ip_address()
+
+
+def use_loopback_for_gloo(addr: str) -> None:
+    """Keep gloo's own connections on the loopback device when the group lives on 127.0.0.1."""
+    if addr.startswith("127."):
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+
+
 class RankedWorker:
     """Base of the data-parallel roles: receives its rank and sets up torch.distributed."""
 
     def master_address(self) -> tuple[str, int]:
         """This actor's node address and a free port on it (asked of rank 0 only)."""
-        ip = ray.util.get_node_ip_address()
+        ip = node_ip()
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.bind(("", 0))
+            s.bind((ip, 0))
             port = s.getsockname()[1]
         return ip, port
 
@@ -65,6 +91,7 @@ class RankedWorker:
             WORLD_SIZE=str(world_size), LOCAL_RANK="0",
         )
         self.rank, self.world_size = rank, world_size
+        use_loopback_for_gloo(master_addr)
         from prime.train.engine import ensure_distributed
 
         ensure_distributed()

@@ -164,9 +164,9 @@ def check_specs(expected: list[tuple[str, tuple[int, ...], torch.dtype]], named:
 def local_transport_info() -> dict[str, Any]:
     """This process's node IP and GPU identity (None without CUDA), for choosing the backend."""
     try:
-        import ray
+        from workers.group import node_ip
 
-        ip = ray.util.get_node_ip_address()
+        ip = node_ip()
     except Exception:  # outside Ray
         ip = "127.0.0.1"
     gpu = None

@@ -95,6 +95,9 @@ def ensure_distributed() -> None:
             MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0"
         )
     os.environ.setdefault("LOCAL_RANK", os.environ["RANK"])
+    if os.environ["MASTER_ADDR"].startswith("127."):
+        # Keep gloo's connections on the loopback device (it otherwise picks the hostname's address).
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     deepspeed.init_distributed(dist_backend=backend)
 

@@ -133,3 +133,14 @@ def test_resume_restores_weights_exactly(tmp_path):
     assert len(read_metrics(run_dir)) == 1
     for k in saved:
         torch.testing.assert_close(saved[k], again[k], rtol=0, atol=0)
+
+
+def test_prime_with_two_data_parallel_ranks(tmp_path):
+    """Policy and PRM each on 2 DeepSpeed ranks (gloo) placed by workers.group, fed whole-group shards."""
+    from launch.train import run
+
+    cfg = make_cfg(tmp_path, "algo.name=prime", "rollout.engine=hf", "trainer.total_steps=2",
+                   "trainer.save_every=2", "trainer.run_name=dp2", "cluster.policy_world_size=2",
+                   "cluster.prm_world_size=2", "cluster.num_cpus=8")
+    run_dir = run(cfg)
+    check_run(run_dir, 2, extra_keys={"prm/loss", "policy/clip_frac"}, prm=True)

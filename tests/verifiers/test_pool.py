@@ -83,8 +83,9 @@ def test_verifier_worker_as_ray_actor():
     from workers.verifier import remote_verifier
 
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
-             runtime_env={"env_vars": {"PYTHONPATH": repo}})
+    from workers.group import init_ray
+
+    init_ray("local", num_cpus=2, env_vars={"PYTHONPATH": repo})  # bound to 127.0.0.1
     try:
         actor = remote_verifier(num_cpus=1, timeout_s=20)
         items = [
