@@ -114,7 +114,9 @@ def build_roles(cfg: Config, model_path: str, prm_path: str, total_optimizer_ste
 
     engine_env = threads | {
         "VLLM_CPU_KVCACHE_SPACE": str(cfg.rollout.cpu_kv_cache_gib),
-        "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"),
+        # vLLM repeats a harmless rotary-embedding warning on every in-place reload; set
+        # VLLM_LOGGING_LEVEL=WARNING (or INFO) in the shell to see its warnings again.
+        "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "ERROR"),
     }
     rollout = ActorGroup(
         RolloutWorker, cfg.rollout.num_engines, name="rollout", num_cpus=cpus,

@@ -250,6 +250,7 @@ def save_final(group, final: str) -> None:
 def run(cfg: Config, config_path: str | None = None) -> str:
     """Run a whole training job; returns the run folder."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     seed_everything(cfg.trainer.seed)
     run_dir = prepare_run_dir(cfg)
     ckpt_root = os.path.join(run_dir, "checkpoints")
@@ -262,8 +263,10 @@ def run(cfg: Config, config_path: str | None = None) -> str:
     dataset = load_dataset(cfg, tokenizer, run_dir)
     sampler = PromptSampler(len(dataset), cfg.trainer.batch_size, seed=cfg.trainer.seed, shuffle=cfg.data.shuffle)
 
-    init_ray(cfg.cluster.address, cfg.cluster.num_cpus, env_vars={"DS_ACCELERATOR": "cpu"}
-             if cfg.trainer.device == "cpu" else {})
+    actor_env = {"HF_HUB_DISABLE_PROGRESS_BARS": "1"}  # no per-actor load/save bars under the step bar
+    if cfg.trainer.device == "cpu":
+        actor_env["DS_ACCELERATOR"] = "cpu"
+    init_ray(cfg.cluster.address, cfg.cluster.num_cpus, env_vars=actor_env)
     steps_per_rl_step = cfg.actor.ppo_epochs * max(1, cfg.responses_per_step // (cfg.actor.mini_batch_size or cfg.responses_per_step))
     roles = build_roles(cfg, model_path, prm_path, cfg.trainer.total_steps * steps_per_rl_step)
     log.info("actors ready (engine start %.1f s)", roles.engine_start_s)
