@@ -115,18 +115,18 @@ def summarize(preset: str, engine: str, per_step: list[dict[str, float]], warmup
 def probe_weight_sync(roles) -> dict[str, float]:
     """One extra object-store weight sync after the timed steps, split into its parts.
 
-    The driver counts all of `weight_sync` as compute; this shows how much of it the engines spend
-    loading (`engine_load`, the seconds `RolloutWorker.load_weights` reports) and how much is the
-    gather on the policy plus the transport through the object store (`gather`, `transport`).
+    `gather` is the policy exporting its weights into the object store, `engine_load` the seconds
+    `RolloutWorker.load_weights` reports, `transport` the rest (moving the object to the engines).
+    The driver counts only the actors' own seconds as compute; this shows the whole split.
     Reloading the same weights leaves the engines unchanged.
     """
     import ray
 
     t0 = time.perf_counter()
-    refs = roles.policy.call_async(lambda a, r: a.named_weights.remote())
-    ray.get(refs)
+    refs = [a.export_weights.options(num_returns=2).remote() for a in roles.policy.actors]
+    ray.get([nbytes for _, nbytes in refs])  # done exporting; the weights stay in the object store
     t1 = time.perf_counter()
-    loads = ray.get([e.load_weights.remote(refs[0]) for e in roles.rollout.actors])
+    loads = ray.get([e.load_weights.remote(refs[0][0]) for e in roles.rollout.actors])
     t2 = time.perf_counter()
     engine_load = max(loads)
     return {"gather": t1 - t0, "engine_load": engine_load, "transport": t2 - t1 - engine_load, "total": t2 - t0}

@@ -86,7 +86,7 @@ def prm_trainer_kwargs(cfg: Config) -> dict[str, Any]:
     )
 
 
-def rollout_engine_kwargs(cfg: Config, model_path: str) -> dict[str, Any]:
+def rollout_engine_kwargs(cfg: Config) -> dict[str, Any]:
     r = cfg.rollout
     if r.engine == "hf":
         return dict(dtype=cfg.model.dtype, device=cfg.trainer.device, seed=cfg.trainer.seed)
@@ -122,8 +122,7 @@ def build_roles(cfg: Config, model_path: str, prm_path: str, total_optimizer_ste
         RolloutWorker, cfg.rollout.num_engines, name="rollout", num_cpus=cpus,
         num_gpus=(share if colocated else float(cfg.rollout.tensor_parallel_size)) if gpu else 0.0,
         env_vars=engine_env, shared_pg=shared_pg if colocated and cfg.rollout.num_engines <= cfg.cluster.policy_world_size else None,
-        kwargs=dict(engine=cfg.rollout.engine, model_path=model_path,
-                    engine_kwargs=rollout_engine_kwargs(cfg, model_path), env_vars=engine_env),
+        kwargs=dict(engine=cfg.rollout.engine, model_path=model_path, engine_kwargs=rollout_engine_kwargs(cfg)),
     )
     verifier = ActorGroup(
         VerifierWorker, cfg.verifier.num_actors, name="verifier", num_cpus=cpus,

@@ -70,44 +70,44 @@ class CollectResult:
 # --------------------------------------------------------------------------------------------------
 
 
+def deal(items: list, n: int) -> list[list]:
+    """Split `items` round-robin into `n` parts (part i holds items i, i+n, ...)."""
+    return [items[i::n] for i in range(n)]
+
+
+def undeal(parts: list[list], total: int, n: int) -> list:
+    """Inverse of `deal`: the parts' results back in item order (trailing empty parts may be missing)."""
+    out: list = [None] * total
+    for i, part in enumerate(parts):
+        out[i::n] = part
+    return out
+
+
 def generate(rollout: ActorGroup, prompts: list[PromptItem], *, n: int, max_new_tokens: int,
              temperature: float, top_p: float, seed: int, timer: StageTimer) -> list[list[Completion]]:
     """Deal prompts round-robin to the engines, generate n each, return them in prompt order."""
     engines = rollout.actors
-    chunks = [prompts[i::len(engines)] for i in range(len(engines))]
     refs = [
         e.generate.remote([p.prompt_ids for p in chunk], n, max_new_tokens, temperature, top_p, seed + i)
-        for i, (e, chunk) in enumerate(zip(engines, chunks)) if chunk
+        for i, (e, chunk) in enumerate(zip(engines, deal(prompts, len(engines)))) if chunk
     ]
     results = ray.get(refs)
     timer.compute("generate", max(sec for _, sec in results))
-    out: list[list[Completion]] = [None] * len(prompts)  # type: ignore[list-item]
-    for i, (outs, _) in enumerate(results):
-        for j, comp in enumerate(outs):
-            out[i + j * len(engines)] = comp
-    return out
+    return undeal([outs for outs, _ in results], len(prompts), len(engines))
 
 
 def verify(verifier: ActorGroup, prompts: list[PromptItem], completions: list[list[Completion]],
            timer: StageTimer) -> tuple[list[list[float]], dict[str, float]]:
-    """Grade every response; the items are spread over the verifier actors."""
+    """Grade every response; the items are dealt round-robin to the verifier actors."""
     items = [
         {"ability": p.ability, "data_source": p.data_source, "response": c.text, "ground_truth": p.ground_truth}
         for p, comps in zip(prompts, completions) for c in comps
     ]
     actors = verifier.actors
-    chunks = [items[i::len(actors)] for i in range(len(actors))]
-    t0 = time.perf_counter()
-    results = ray.get([a.score.remote(chunk) for a, chunk in zip(actors, chunks) if chunk])
-    timer.compute("verify", time.perf_counter() - t0)
-    flat = [0.0] * len(items)
-    metrics: dict[str, float] = {}
-    for i, (scores, m) in enumerate(results):
-        for j, s in enumerate(scores):
-            flat[i + j * len(actors)] = float(s)
-        for k, v in m.items():
-            if k in ("verify/timeouts", "verify/errors", "verify/items"):
-                metrics[k] = metrics.get(k, 0.0) + float(v)
+    results = ray.get([a.score.remote(chunk) for a, chunk in zip(actors, deal(items, len(actors))) if chunk])
+    timer.compute("verify", max(m["verify/seconds"] for _, m in results))
+    flat = [float(s) for s in undeal([scores for scores, _ in results], len(items), len(actors))]
+    metrics = {key: sum(float(m[key]) for _, m in results) for key in ("verify/timeouts", "verify/errors", "verify/items")}
     k = len(completions[0]) if completions else 0
     return [flat[i * k:(i + 1) * k] for i in range(len(prompts))], metrics
 
@@ -163,7 +163,7 @@ def collect_groups(*, rollout: ActorGroup, verifier: ActorGroup, dataset: Prompt
             m[key] = m.get(key, 0.0) + v
         with timer("filter"):
             flags = keep_groups(scores, completions, accuracy=accuracy, acc_low=acc_low, acc_high=acc_high,
-                                truncated=truncated) if filtering else [True] * len(prompts)
+                                truncated=truncated)
         m["rollout/generated_tokens"] = m.get("rollout/generated_tokens", 0.0) + sum(
             len(c.token_ids) for comps in completions for c in comps)
         groups = [Group(p, c, s) for p, c, s in zip(prompts, completions, scores)]

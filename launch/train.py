@@ -15,6 +15,7 @@ accuracy filter [0.2, 0.8]. Changed: the PRM reward normaliser is global over th
 from __future__ import annotations
 
 import logging
+import math
 import os
 import random
 import shutil
@@ -40,7 +41,7 @@ from launch.stages import (
 from prime.config import Config, to_dict, to_yaml
 from prime.data.dataset import PromptDataset, load_prompt_dataset
 from prime.data.sampler import PromptSampler
-from prime.train.checkpoint import find_latest, load_rng_state, save_checkpoint
+from prime.train.checkpoint import find_latest, load_rng_state, load_state, save_checkpoint
 from workers.group import init_ray
 
 log = logging.getLogger("prime")
@@ -218,10 +219,7 @@ def restore(cfg: Config, roles: Roles, ckpt_root: str, sampler: PromptSampler) -
     path = find_latest(ckpt_root) if cfg.trainer.resume == "auto" else cfg.trainer.resume
     if path is None:
         return 0
-    import json
-
-    with open(os.path.join(path, "state.json")) as f:
-        state = json.load(f)
+    state = load_state(path)
     roles.policy.call(lambda a, r: a.load_checkpoint.remote(os.path.join(path, "policy")))
     if roles.prm is not None:
         roles.prm.call(lambda a, r: a.load_checkpoint.remote(os.path.join(path, "prm")))
@@ -267,7 +265,9 @@ def run(cfg: Config, config_path: str | None = None) -> str:
     if cfg.trainer.device == "cpu":
         actor_env["DS_ACCELERATOR"] = "cpu"
     init_ray(cfg.cluster.address, cfg.cluster.num_cpus, env_vars=actor_env)
-    steps_per_rl_step = cfg.actor.ppo_epochs * max(1, cfg.responses_per_step // (cfg.actor.mini_batch_size or cfg.responses_per_step))
+    # Optimizer steps per RL step (the LR schedule's horizon); a short last mini-batch is a step too.
+    steps_per_rl_step = cfg.actor.ppo_epochs * math.ceil(
+        cfg.responses_per_step / (cfg.actor.mini_batch_size or cfg.responses_per_step))
     roles = build_roles(cfg, model_path, prm_path, cfg.trainer.total_steps * steps_per_rl_step)
     log.info("actors ready (engine start %.1f s)", roles.engine_start_s)
     logger = None

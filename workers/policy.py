@@ -29,11 +29,6 @@ class PolicyWorker(RankedWorker):
         metrics = self.trainer.update(batch)
         return metrics, time.perf_counter() - t0
 
-    def named_weights(self) -> dict[str, torch.Tensor] | None:
-        """Full HF-named weights on rank 0 (every rank must call it: ZeRO-3 gathers collectively)."""
-        weights = self._gather()
-        return weights if self.rank == 0 else None
-
     def _gather(self) -> dict[str, torch.Tensor] | None:
         """Full weights on rank 0; ranks > 0 join the gather only where it is collective (ZeRO-3)."""
         if self.rank == 0 or self.trainer.zero_stage == 3:

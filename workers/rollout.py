@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -13,9 +12,7 @@ import torch
 class RolloutWorker:
     """Owns one engine for the whole run (engine start is the expensive part; weights change in place)."""
 
-    def __init__(self, engine: str, model_path: str, engine_kwargs: dict[str, Any] | None = None,
-                 env_vars: dict[str, str] | None = None) -> None:
-        os.environ.update(env_vars or {})
+    def __init__(self, engine: str, model_path: str, engine_kwargs: dict[str, Any] | None = None) -> None:
         kwargs = dict(engine_kwargs or {})
         t0 = time.perf_counter()
         if engine == "vllm":
@@ -25,7 +22,7 @@ class RolloutWorker:
         elif engine == "hf":
             from prime.rollout.hf import HFEngine
 
-            self.engine = HFEngine(model_path, **{k: v for k, v in kwargs.items() if k in ("dtype", "device", "seed")})
+            self.engine = HFEngine(model_path, **kwargs)
         else:
             raise ValueError(f"rollout.engine={engine!r} is not valid; choose one of 'vllm', 'hf'")
         self.start_seconds = time.perf_counter() - t0

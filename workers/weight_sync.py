@@ -410,7 +410,3 @@ def make_weight_sync(kind: str, policy_group: ActorGroup, rollout_group: ActorGr
         return BroadcastSync(policy_group, rollout_group, bucket_mb=bucket_mb, backend=backend)
     raise ValueError(f"weight_sync={kind!r} is not valid; choose one of {WEIGHT_SYNC_KINDS}")
 
-
-def sync_weights(policy: ActorGroup, rollout: ActorGroup) -> dict[str, float]:
-    """Object-store sync in one call (kept for callers that build no `WeightSync`)."""
-    return ObjectStoreSync(policy, rollout).sync()

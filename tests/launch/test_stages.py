@@ -69,3 +69,15 @@ def test_logprob_gap_is_masked_mean_abs():
     b = torch.tensor([[0.5, -1.0, 0.0], [-1.0, 0.0, 9.0]])
     m = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
     assert logprob_gap(a, b, m) == pytest.approx((0.5 + 0.0 + 1.0) / 3)
+
+
+def test_deal_and_undeal_round_trip():
+    from launch.stages import deal, undeal
+
+    items = list(range(7))
+    parts = deal(items, 3)
+    assert parts == [[0, 3, 6], [1, 4], [2, 5]]
+    assert undeal(parts, 7, 3) == items
+    # fewer items than actors: the trailing empty parts are not sent, and not needed back
+    assert deal([10, 11], 4) == [[10], [11], [], []]
+    assert undeal([[10], [11]], 2, 4) == [10, 11]

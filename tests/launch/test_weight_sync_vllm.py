@@ -24,8 +24,8 @@ def actors(tmp_path_factory):
     cfg = build_config(None, ["trainer.batch_size=1", "rollout.n=4", "actor.lr=0.01", "rollout.max_response_len=16"])
     init_ray("local", num_cpus=4, env_vars={"DS_ACCELERATOR": "cpu"})
     env = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_LOGGING_LEVEL": "WARNING"}
-    rollout = ActorGroup(RolloutWorker, 1, name="rollout", kwargs=dict(
-        engine="vllm", model_path=path, env_vars=env,
+    rollout = ActorGroup(RolloutWorker, 1, name="rollout", env_vars=env, kwargs=dict(
+        engine="vllm", model_path=path,
         engine_kwargs=dict(dtype="float32", max_model_len=256, enforce_eager=True, seed=0)))
     policy = ActorGroup(PolicyWorker, 1, name="policy")
     policy.call(lambda a, r: a.build.remote(path, policy_trainer_kwargs(cfg, total_optimizer_steps=10)))
@@ -65,7 +65,7 @@ def policy_logprobs(policy, batch):
 
 
 def test_vllm_logprobs_follow_the_policy_after_weight_sync(actors):
-    from workers.weight_sync import sync_weights
+    from workers.weight_sync import ObjectStoreSync
 
     policy, rollout, tok = actors
     prompts, responses, batch = fixed_batch(tok)
@@ -87,7 +87,7 @@ def test_vllm_logprobs_follow_the_policy_after_weight_sync(actors):
     stale = engine_logprobs(rollout, prompts, responses)
     assert ((stale - after_policy).abs() * mask).max() > 1e-2  # the engine still has the old weights
 
-    sync_weights(policy, rollout)
+    ObjectStoreSync(policy, rollout).sync()
     synced = engine_logprobs(rollout, prompts, responses)
     assert ((synced - after_policy).abs() * mask).max() < 1e-4
     assert ((synced - before_engine).abs() * mask).max() > 1e-2
