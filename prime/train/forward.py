@@ -100,6 +100,15 @@ def forward_logprobs(
     return widen(out)
 
 
+def padding_loss(model, batch: dict, rows, *, device: torch.device, temperature: float = 1.0) -> torch.Tensor:
+    """A zero loss through a real forward pass on one row of `rows`.
+
+    A rank with fewer micro-batches than the others runs these so every rank calls backward the
+    same number of times (ZeRO-2/3 communicate inside backward); the gradient it adds is zero.
+    """
+    return forward_logprobs(model, batch, rows[:1], device=device, temperature=temperature).sum() * 0.0
+
+
 def synced_max(n: int) -> int:
     """Largest `n` over the data-parallel ranks."""
     t = torch.tensor([n], dtype=torch.long)

@@ -36,6 +36,7 @@ from prime.train.forward import (
     check_batch,
     check_same_on_all_ranks,
     forward_logprobs,
+    padding_loss,
     sequence_lengths,
     synced_max,
 )
@@ -247,9 +248,7 @@ class ImplicitPRMTrainer:
             def loss_fn(k: int) -> torch.Tensor:
                 nonlocal loss_sum
                 if k >= len(micro):
-                    # Padding pass so that every rank runs the same number of backwards.
-                    logp = forward_logprobs(self._caller, batch, micro[0][:1], device=self.device, temperature=self.temperature)
-                    return logp.sum() * 0.0
+                    return padding_loss(self._caller, batch, micro[0], device=self.device, temperature=self.temperature)
                 rows = micro[k]
                 idx = torch.as_tensor(rows)
                 logp = forward_logprobs(self._caller, batch, rows, device=self.device, temperature=self.temperature)
