@@ -74,7 +74,7 @@ def resolve_model(cfg: Config, run_dir: str) -> str:
     shutil.rmtree(tmp, ignore_errors=True)
     build_tiny_model(tmp, seed=cfg.trainer.seed, **tiny_model_preset(cfg.model.tiny_preset))
     if cfg.model.warm_start_steps:
-        from prime.models.warmstart import sft_warm_start
+        from prime.train.sft import sft_warm_start
 
         stats = sft_warm_start(tmp, steps=cfg.model.warm_start_steps, seed=cfg.trainer.seed,
                                system_prompt=cfg.data.system_prompt)

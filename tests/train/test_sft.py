@@ -10,10 +10,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from prime.data.dataset import build_prompt_dataset
 from prime.data.synthetic import arithmetic_rows
-from prime.models import warmstart
+from prime.train import sft as warmstart
 from prime.models.loading import load_model, load_tokenizer
 from prime.models.logprobs import pack_sequences
-from prime.models.warmstart import (
+from prime.train.sft import (
     build_sft_examples,
     default_rows,
     sampled_accuracy,
@@ -26,9 +26,17 @@ from prime.models.warmstart import (
 SHORT = dict(num_examples=64, steps=12, batch_size=16, lr=1e-3, log_every=0)
 
 
+@pytest.fixture(scope="module")
+def tiny_model_path(tmp_path_factory):
+    """The demo's tiny preset (hidden 128, 2 layers), whose SFT defaults the module documents."""
+    from prime.models.tiny import build_tiny_model
+
+    return build_tiny_model(str(tmp_path_factory.mktemp("sft_tiny")), seed=0)
+
+
 @pytest.fixture
 def model_dir(tiny_model_path, tmp_path):
-    """A private copy of the session's tiny checkpoint (warm start rewrites its folder)."""
+    """A private copy of the tiny checkpoint (the warm start rewrites its folder)."""
     return shutil.copytree(tiny_model_path, str(tmp_path / "model"))
 
 
@@ -194,10 +202,9 @@ def test_default_rows_are_seeded_and_differ_from_rl_rows():
 @pytest.mark.slow
 def test_default_warm_start_reaches_middle_accuracy(model_dir):
     # The defaults are tuned to leave the tiny preset near 0.5 sampled accuracy (0.44-0.55 over
-    # seeds 0-3), in about half a minute on one CPU thread.
+    # seeds 0-3).
     metrics = sft_warm_start(model_dir, measure=True)
     assert 0.15 <= metrics["warmstart/acc"] <= 0.9, metrics
-    assert metrics["warmstart/seconds"] < 90, metrics
     # The accuracy measured during training is that of the saved folder.
     _, held_out = default_rows(1, seed=0)
     assert sampled_accuracy(model_dir, held_out, seed=0) == metrics["warmstart/acc"]

@@ -25,14 +25,12 @@ The checkpoint is never left half-written: the new weights and every other file 
 (tokenizer, generation config) are written to a sibling temporary folder, which is renamed into
 place only when complete (the old folder is removed after that).
 
-CLI: `python -m prime.models.warmstart MODEL_DIR [--steps N] [--target-acc A]`
+Command line: `prime sft CONFIG [section.key=value ...]`.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import json
 import logging
 import math
 import os
@@ -379,31 +377,3 @@ def _train(model_dir: str, rows: list[dict], eval_rows: list[dict] | None, *, st
     if acc is not None:
         metrics["warmstart/acc"] = acc
     return model, metrics
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m prime.models.warmstart",
-        description="Supervised warm start, in place, of a checkpoint on synthetic arithmetic.")
-    parser.add_argument("model_dir", help="HF checkpoint folder to fine-tune in place")
-    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS)
-    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
-    parser.add_argument("--lr", type=float, default=DEFAULT_LR)
-    parser.add_argument("--num-examples", type=int, default=DEFAULT_NUM_EXAMPLES)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--target-acc", type=float, default=None,
-                        help="stop once the sampled held-out accuracy reaches this value")
-    parser.add_argument("--max-seconds", type=float, default=None)
-    parser.add_argument("--measure", action="store_true", help="report the final sampled accuracy")
-    parser.add_argument("--num-threads", type=int, default=1, help="torch threads (0: keep torch's default)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    metrics = sft_warm_start(
-        args.model_dir, num_examples=args.num_examples, steps=args.steps, batch_size=args.batch_size,
-        lr=args.lr, seed=args.seed, target_acc=args.target_acc, max_seconds=args.max_seconds,
-        measure=args.measure, num_threads=args.num_threads or None)
-    print(json.dumps(metrics, indent=1))
-
-
-if __name__ == "__main__":
-    main()
