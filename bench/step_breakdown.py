@@ -2,9 +2,9 @@
 
     python bench/step_breakdown.py --presets tiny,small --engines vllm,hf --steps 3 [--json out.json]
 
-For every (preset, engine) pair this sets up a run the way `launch.train.run` does (same public
-functions: prepare_run_dir, resolve_model, load_dataset, init_ray, build_roles), keeps the actor
-groups alive and times `launch.train.train_step` for `--steps` steps. The first step is a warm-up
+For every (preset, engine) pair this sets up a run through the driver's own set-up
+(`launch.setup.start_job`), keeps the actor groups alive and times `launch.train.train_step` for
+`--steps` steps. The first step is a warm-up
 (lazy initialisation in vLLM, DeepSpeed and the allocator) and is left out of the averages.
 
 Presets are the files `configs/<preset>_cpu.yaml`. The accuracy and truncation filters are switched
@@ -31,9 +31,7 @@ times one extra sync after the steps, split into the policy's gather, the object
 and the engines' own load time.
 
 The machine's load averages are recorded before and after every pair; other jobs on the same cores
-inflate every number, so compare runs taken at a similar load. The actors run at normal priority
-(`RAY_worker_niceness=0` unless set): at Ray's default nice 15, any other job on the machine takes
-nearly all of the CPU from them.
+inflate every number, so compare runs taken at a similar load.
 """
 
 from __future__ import annotations
@@ -105,7 +103,7 @@ def summarize(preset: str, engine: str, per_step: list[dict[str, float]], warmup
     timed = sum(avg(k) for k in {k for m in measured for k in m if k.startswith("timing/")}
                 if k not in ("timing/step", "timing/overhead", "timing/overhead_frac"))
     row["overhead_by_stage"]["untimed"] = row["step"] - timed
-    row["generated_tokens"] = avg("response/generated_tokens") or avg("batch/responses") * avg("response/mean_len")
+    row["generated_tokens"] = avg("rollout/generated_tokens")
     row["batch_tokens"] = avg("batch/tokens")
     row["responses"] = avg("batch/responses")
     row["mean_response_len"] = avg("response/mean_len")
@@ -133,45 +131,31 @@ def probe_weight_sync(roles) -> dict[str, float]:
 
 
 def bench_pair(preset: str, engine: str, steps: int, output_dir: str) -> dict:
-    """Set up a run as `launch.train.run` does, time `train_step` `steps` times, tear it down."""
-    from launch.roles import build_roles
-    from launch.train import load_dataset, prepare_run_dir, resolve_model, seed_everything, train_step
-    from prime.data.sampler import PromptSampler
-    from prime.models.loading import load_tokenizer
-    from workers.group import init_ray
+    """Set up a run as `prime train` does, time `train_step` `steps` times, tear it down."""
+    from launch.setup import start_job
+    from launch.train import train_step
 
     cfg = bench_config(preset, engine, steps, output_dir)
-    seed_everything(cfg.trainer.seed)
-    run_dir = prepare_run_dir(cfg)
-    model_path = resolve_model(cfg, run_dir)
-    tokenizer = load_tokenizer(model_path)
-    dataset = load_dataset(cfg, tokenizer, run_dir)
-    sampler = PromptSampler(len(dataset), cfg.trainer.batch_size, seed=cfg.trainer.seed, shuffle=cfg.data.shuffle)
-    init_ray(cfg.cluster.address, cfg.cluster.num_cpus,
-             env_vars={"DS_ACCELERATOR": "cpu"} if cfg.trainer.device == "cpu" else {})
-
     load_before = load_averages()
     t0 = time.perf_counter()
-    steps_per_rl_step = cfg.actor.ppo_epochs * max(
-        1, cfg.responses_per_step // (cfg.actor.mini_batch_size or cfg.responses_per_step))
-    roles = build_roles(cfg, model_path, cfg.prm.model_path or model_path, steps * steps_per_rl_step)
+    job = start_job(cfg)
     setup_s = time.perf_counter() - t0
     per_step = []
     try:
         for step in range(1, steps + 1):
-            metrics = train_step(cfg, step, roles, dataset, sampler, tokenizer.pad_token_id)
+            metrics = train_step(job, step)
             per_step.append({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
             stages = " ".join(f"{s}={metrics.get(f'timing/{s}', 0.0):.2f}" for s in STAGES)
             print(f"  {preset}/{engine} step {step}: {metrics['timing/step']:.2f} s "
                   f"(overhead {metrics['timing/overhead']:.3f} s, load {load_averages()[0]}) {stages}",
                   file=sys.stderr, flush=True)
-        sync_probe = probe_weight_sync(roles)
+        sync_probe = probe_weight_sync(job.roles)
     finally:
-        roles.shutdown()
+        job.shutdown()
     row = summarize(preset, engine, per_step, warmup=1 if steps > 1 else 0)
     row["weight_sync_probe"] = sync_probe
     row["setup_s"] = setup_s
-    row["engine_start_s"] = roles.engine_start_s
+    row["engine_start_s"] = job.roles.engine_start_s
     row["load_before"] = load_before
     row["load_after"] = load_averages()
     row["per_step"] = per_step
@@ -222,23 +206,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--steps must be >= 1, got {args.steps}")
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-    # Ray runs its workers at nice 15 by default; on a shared machine every other job then starves
-    # the actors and the stage times measure the neighbours. Normal priority unless set otherwise.
-    os.environ.setdefault("RAY_worker_niceness", "0")
-    import ray
-
     rows = []
     t0 = time.perf_counter()
-    try:
-        for preset in presets:
-            for engine in engines:
-                print(f"[{time.perf_counter() - t0:6.0f} s] {preset}/{engine}: load {load_averages()}",
-                      file=sys.stderr, flush=True)
-                rows.append(bench_pair(preset, engine, args.steps, args.output_dir))
-    finally:
-        if ray.is_initialized():
-            ray.shutdown()
+    for preset in presets:
+        for engine in engines:
+            print(f"[{time.perf_counter() - t0:6.0f} s] {preset}/{engine}: load {load_averages()}",
+                  file=sys.stderr, flush=True)
+            rows.append(bench_pair(preset, engine, args.steps, args.output_dir))
     print(f"steps per pair: {args.steps} (first excluded as warm-up); seconds are means per step; "
           f"total {time.perf_counter() - t0:.0f} s")
     print(format_table(rows))

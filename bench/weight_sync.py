@@ -22,6 +22,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 def bench_preset(preset: str, engines: int, repeats: int, bucket_mb: float, tmp: str) -> list[dict]:
     from prime.models.tiny import build_tiny_model, tiny_model_preset
+    from prime.train.engine import EngineSettings
+    from prime.train.losses import PPOClipLoss
     from workers.group import ActorGroup
     from workers.policy import PolicyWorker
     from workers.rollout import RolloutWorker
@@ -29,8 +31,8 @@ def bench_preset(preset: str, engines: int, repeats: int, bucket_mb: float, tmp:
 
     path = build_tiny_model(os.path.join(tmp, preset), **tiny_model_preset(preset))
     policy = ActorGroup(PolicyWorker, 1, name=f"bench-policy-{preset}")
-    policy.call(lambda a, r: a.build.remote(path, dict(lr=1e-4, mini_batch_size=1, max_tokens_per_micro_batch=1024,
-                                                       zero_stage=2)))
+    policy.call(lambda a, r: a.build.remote(path, PPOClipLoss(), EngineSettings(lr=1e-4, zero_stage=2),
+                                            dict(mini_batch_size=1, max_tokens_per_micro_batch=1024)))
     rollout = ActorGroup(RolloutWorker, engines, name=f"bench-rollout-{preset}",
                          kwargs=dict(engine="hf", model_path=path, engine_kwargs=dict(dtype="float32")))
     rollout.call(lambda a, r: a.ready.remote())
@@ -72,7 +74,7 @@ def main() -> None:
 
     from workers.group import init_ray
 
-    init_ray("local", num_cpus=args.num_cpus, env_vars={"DS_ACCELERATOR": "cpu"})
+    init_ray("local", num_cpus=args.num_cpus)
     rows = []
     try:
         with tempfile.TemporaryDirectory() as tmp:

@@ -1,7 +1,8 @@
 """The `prime` command.
 
     prime train CONFIG [section.key=value ...] [--dry-run]
-    prime build-tiny-model OUT_DIR [--preset tiny|small]
+    prime sft CONFIG [section.key=value ...] [--out DIR]
+    prime build-tiny-model OUT_DIR [--preset tiny|small] [--vocab arith|byte] [--seed S]
     prime make-data OUT [--kind arith|code] [--n N] [--seed S]
 """
 
@@ -24,15 +25,38 @@ def _train(args: argparse.Namespace) -> int:
         return 0
     from launch.train import run  # heavy imports (ray) only when training
 
-    run(cfg, config_path=args.config)
+    run(cfg)
+    return 0
+
+
+def _sft(args: argparse.Namespace) -> int:
+    import logging
+    import os
+
+    from prime.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+        if cfg.model.path:
+            raise ConfigError(f"prime sft builds the locally built model of model.tiny_preset; "
+                              f"model.path={cfg.model.path!r} must be empty")
+        if cfg.model.warm_start_steps < 1:
+            raise ConfigError(f"prime sft needs model.warm_start_steps >= 1, got {cfg.model.warm_start_steps}")
+    except ConfigError as e:
+        print(f"prime: config error: {e}", file=sys.stderr)
+        return 2
+    from launch.setup import build_sft_model
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    out = args.out or os.path.join(cfg.trainer.output_dir, cfg.trainer.run_name, "sft_model")
+    print(build_sft_model(cfg, os.path.abspath(out)))
     return 0
 
 
 def _build_tiny(args: argparse.Namespace) -> int:
     from prime.models.tiny import build_tiny_model, tiny_model_preset
 
-    path = build_tiny_model(args.out_dir, **tiny_model_preset(args.preset))
-    print(path)
+    print(build_tiny_model(args.out_dir, vocab=args.vocab, seed=args.seed, **tiny_model_preset(args.preset)))
     return 0
 
 
@@ -55,9 +79,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     p.set_defaults(func=_train)
 
+    p = sub.add_parser("sft", help="build the tiny model and give it the supervised warm start RL starts from")
+    p.add_argument("config", help="YAML preset, e.g. configs/tiny_cpu.yaml (model and data sections)")
+    p.add_argument("overrides", nargs="*", help="section.key=value, applied after the preset")
+    p.add_argument("--out", default=None, help="output folder (default: <output_dir>/<run_name>/sft_model)")
+    p.set_defaults(func=_sft)
+
     p = sub.add_parser("build-tiny-model", help="write a tiny HF checkpoint + tokenizer built locally")
     p.add_argument("out_dir")
     p.add_argument("--preset", choices=["tiny", "small"], default="tiny")
+    p.add_argument("--vocab", choices=["arith", "byte"], default="arith", help="tokenizer vocabulary")
+    p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_build_tiny)
 
     p = sub.add_parser("make-data", help="write a synthetic dataset in the verl / Eurus-2-RL schema")

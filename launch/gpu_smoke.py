@@ -8,10 +8,10 @@ Checks, each timed, on a tiny Qwen2 checkpoint built locally:
   2. HF engine generation on the device (fp32 and bf16); the sampled tokens' log-probs agree with a
      full forward pass (`response_logprobs`);
   3. `response_logprobs` on the device equals the CPU result (fp32, within 1e-4);
-  4. `PolicyTrainer` with DeepSpeed ZeRO-2 on the device: one PPO update in fp32 and in bf16, the
+  4. the trainer with the PPO loss and DeepSpeed ZeRO-2 on the device: one PPO update in fp32 and in bf16, the
      weights change, and after `load_weights` into the HF engine the engine scores responses like
      the trainer (fp32);
-  5. `ImplicitPRMTrainer`: one update and token rewards.
+  5. the implicit PRM: one update and token rewards.
 Prints a table of results and timings; exits 1 if any check fails. `launch/gpu_smoke.sh` installs
 the dependencies and runs this script.
 """
@@ -38,7 +38,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 def _prepare_env(device: str) -> None:
     if device == "cpu":
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
-        os.environ["DS_ACCELERATOR"] = "cpu"
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
@@ -76,7 +75,7 @@ class Results:
 
 
 def _batch(pad_id: int):
-    from prime.models.logprobs import pack_sequences
+    from prime.data.batch import pack_sequences
 
     return pack_sequences(PROMPTS, RESPONSES, pad_id)
 
@@ -88,7 +87,7 @@ def _max_abs(a, b) -> float:
 def check_buckets(device: str) -> str:
     import torch
 
-    from workers.weight_sync import flatten_bucket, plan_buckets, unflatten_bucket, weight_specs
+    from prime.rollout.weight_transfer import flatten_bucket, plan_buckets, unflatten_bucket, weight_specs
 
     g = torch.Generator().manual_seed(0)
     named = {
@@ -111,7 +110,8 @@ def check_buckets(device: str) -> str:
 def check_generate(path: str, device: str, dtype: str) -> str:
     import torch
 
-    from prime.models.logprobs import pack_sequences, response_logprobs
+    from prime.data.batch import pack_sequences
+    from prime.models.logprobs import response_logprobs
     from prime.rollout.hf import HFEngine
 
     eng = HFEngine(path, dtype=dtype, device=device, seed=0)
@@ -126,10 +126,10 @@ def check_generate(path: str, device: str, dtype: str) -> str:
         raise AssertionError("non-finite or positive log-probs")
     # The sampler's log-probs (KV cache, incremental) against one full forward pass of the same tokens.
     batch = pack_sequences([c.prompt_ids for c in comps], [c.token_ids for c in comps], eng.pad_id)
-    batch = {k: v.to(device) for k, v in batch.items()}
+    packed = [getattr(batch, k).to(device) for k in batch.PACKED]
     with torch.no_grad():
-        full = response_logprobs(eng.model, **batch).float().cpu()  # [B, T]
-    mask = batch["response_mask"].cpu()
+        full = response_logprobs(eng.model, *packed).float().cpu()  # [B, T]
+    mask = batch.response_mask
     sampled = torch.zeros_like(full)
     for i, c in enumerate(comps):
         sampled[i, : len(c.logprobs)] = torch.tensor(c.logprobs)
@@ -152,9 +152,10 @@ def check_logprobs_device_vs_cpu(path: str, device: str) -> str:
     cpu_model = load_model(path, dtype="float32", device="cpu")
     dev_model = load_model(path, dtype="float32", device=device)
     with torch.no_grad():
-        ref, ref_ent = response_logprobs(cpu_model, **batch, return_entropy=True)  # [B, T]
-        got, got_ent = response_logprobs(dev_model, **{k: v.to(device) for k, v in batch.items()},
-                                         temperature=1.0, return_entropy=True)
+        packed = [getattr(batch, k) for k in batch.PACKED]
+        ref, ref_ent = response_logprobs(cpu_model, *packed, return_entropy=True)  # [B, T]
+        got, got_ent = response_logprobs(dev_model, *(t.to(device) for t in packed), temperature=1.0,
+                                         return_entropy=True)
     d, de = _max_abs(got.cpu(), ref), _max_abs(got_ent.cpu(), ref_ent)
     if d > 1e-4 or de > 1e-4:
         raise AssertionError(f"{device} vs cpu: logp {d:.2e}, entropy {de:.2e} (limit 1e-4)")
@@ -164,12 +165,10 @@ def check_logprobs_device_vs_cpu(path: str, device: str) -> str:
 def _ppo_batch(trainer, pad_id: int, seed: int):
     import torch
 
-    batch = _batch(pad_id)
-    logp = trainer.compute_logprobs(batch)  # [B, T]
+    batch = _batch(pad_id).replace(group_ids=torch.zeros(len(PROMPTS), dtype=torch.long))
+    logp = trainer.logprobs(batch)  # [B, T]
     gen = torch.Generator().manual_seed(seed)
-    batch["old_logp"] = logp
-    batch["advantages"] = torch.randn(logp.shape, generator=gen) * batch["response_mask"]
-    return batch
+    return batch.replace(old_logp=logp, advantages=torch.randn(logp.shape, generator=gen) * batch.response_mask)
 
 
 def check_policy(path: str, device: str, bf16: bool) -> str:
@@ -177,17 +176,19 @@ def check_policy(path: str, device: str, bf16: bool) -> str:
 
     from prime.models.loading import load_tokenizer
     from prime.rollout.hf import HFEngine
-    from prime.train.policy import PolicyTrainer
+    from prime.train.engine import EngineSettings
+    from prime.train.losses import PPOClipLoss
+    from prime.train.trainer import Trainer
 
     pad_id = load_tokenizer(path).pad_token_id
-    tr = PolicyTrainer(path, lr=1e-3, mini_batch_size=len(PROMPTS), max_tokens_per_micro_batch=10_000,
-                       zero_stage=2, bf16=bf16, seed=0)
+    tr = Trainer(path, PPOClipLoss(), EngineSettings(lr=1e-3, zero_stage=2, bf16=bf16),
+                 mini_batch_size=len(PROMPTS), max_tokens_per_micro_batch=10_000, seed=0)
     if tr.device.type != torch.device(device).type:
         raise AssertionError(f"trainer is on {tr.device}, expected {device}")
     before = {n: p.detach().float().cpu().clone() for n, p in tr.engine.module.named_parameters()}
     batch = _ppo_batch(tr, pad_id, seed=0)
     t0 = time.perf_counter()
-    m = tr.update(batch)
+    m, _ = tr.update(batch)
     step_s = time.perf_counter() - t0
     bad = [k for k, v in m.items() if not math.isfinite(v)]
     if bad:
@@ -200,7 +201,7 @@ def check_policy(path: str, device: str, bf16: bool) -> str:
         # The sync payload: the trainer's named weights loaded in place into an engine on the device.
         eng = HFEngine(path, dtype="float32", device=device)
         eng.load_weights(tr.named_weights().items())
-        want = tr.compute_logprobs(batch)  # [B, T]
+        want = tr.logprobs(batch)  # [B, T]
         got = eng.score_logprobs(PROMPTS, RESPONSES)
         d = max(abs(g - float(want[i, j])) for i, row in enumerate(got) for j, g in enumerate(row))
         if d > 1e-4:
@@ -213,20 +214,18 @@ def check_prm(path: str, device: str) -> str:
     import torch
 
     from prime.models.loading import load_tokenizer
-    from prime.train.prm import ImplicitPRMTrainer
+    from prime.train.engine import EngineSettings
+    from prime.train.prm import build_implicit_prm
 
     pad_id = load_tokenizer(path).pad_token_id
-    tr = ImplicitPRMTrainer(path, ref="frozen", beta=0.05, lr=1e-3, mini_batch_size=len(PROMPTS),
-                            max_tokens_per_micro_batch=10_000, zero_stage=2, seed=0)
-    batch = _batch(pad_id)
-    acc = torch.tensor([1.0, 0.0, 1.0])
-    group_ids = torch.tensor([0, 0, 0])
-    m = tr.update(batch, acc, group_ids)
+    prm = build_implicit_prm(path, EngineSettings(lr=1e-3, zero_stage=2), ref="frozen", beta=0.05,
+                             mini_batch_size=len(PROMPTS), max_tokens_per_micro_batch=10_000, seed=0)
+    batch = _batch(pad_id).replace(scores=torch.tensor([1.0, 0.0, 1.0]), group_ids=torch.tensor([0, 0, 0]))
+    rewards, m = prm.update_and_rewards(batch, mode="before")  # rewards [B, T]
     bad = [k for k, v in m.items() if not math.isfinite(v)]
     if bad:
         raise AssertionError(f"non-finite metrics {bad}")
-    rewards = tr.token_rewards(batch)  # [B, T]
-    if not torch.isfinite(rewards).all() or float((rewards * (1 - batch["response_mask"])).abs().max()) != 0.0:
+    if not torch.isfinite(rewards).all() or float((rewards * (1 - batch.response_mask)).abs().max()) != 0.0:
         raise AssertionError("token rewards are non-finite or non-zero outside the responses")
     return f"loss {m['prm/loss']:.4f}, grad_norm {m['prm/grad_norm']:.3f}"
 

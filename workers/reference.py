@@ -2,28 +2,36 @@
 
 from __future__ import annotations
 
-import time
-
 import torch
+
+from prime.data.batch import Batch
+from prime.train.batching import make_micro_batches
+from prime.train.trainer import forward_rows
+from workers.training import timed
 
 
 class ReferenceWorker:
-    def __init__(self, model_path: str, dtype: str = "float32", max_tokens_per_micro_batch: int = 16384,
-                 temperature: float = 1.0) -> None:
+    def __init__(self, model_path: str, *, dtype: str, max_tokens_per_micro_batch: int, temperature: float,
+                 trust_remote_code: bool = False) -> None:
         from prime.models.loading import load_model
 
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.model = load_model(model_path, dtype=dtype, device=str(self.device)).eval()
+        self.model = load_model(model_path, dtype=dtype, device=str(self.device), trust_remote_code=trust_remote_code)
         self.model.requires_grad_(False)
         self.max_tokens = max_tokens_per_micro_batch
         self.temperature = temperature
 
-    def compute_logprobs(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, float]:
-        from prime.train.forward import batched_logprobs
+    @torch.no_grad()
+    def _logprobs(self, batch: Batch) -> torch.Tensor:
+        out = torch.zeros(batch.response_mask.shape)  # [B, T]
+        for rows in make_micro_batches(batch.lengths(), self.max_tokens):
+            out[torch.as_tensor(rows)] = forward_rows(self.model, batch, rows, device=self.device,
+                                                      temperature=self.temperature).logp.float().cpu()
+        return out
 
-        t0 = time.perf_counter()
-        logp = batched_logprobs(self.model, batch, self.max_tokens, device=self.device, temperature=self.temperature)
-        return logp, time.perf_counter() - t0
+    def logprobs(self, batch: Batch) -> tuple[torch.Tensor, float]:
+        """Reference log-probs [B, T] and the seconds spent."""
+        return timed(lambda: self._logprobs(batch))
 
     def shutdown(self) -> None:
         pass

@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 
+from workers.group import node_ip
+
 
 class RolloutWorker:
     """Owns one engine for the whole run (engine start is the expensive part; weights change in place)."""
@@ -48,24 +50,23 @@ class RolloutWorker:
 
     # ------------------------------------------------------------------ broadcast weight sync (workers/weight_sync.py)
     def transport_info(self) -> dict[str, Any]:
-        from workers.weight_sync import local_transport_info
+        from prime.rollout.weight_transfer import transport_info
 
-        return local_transport_info()
+        return transport_info(node_ip())
 
     def join_weight_sync(self, host: str, port: int, rank: int, world_size: int, backend: str, buckets: list,
                          timeout_s: float) -> None:
         """Join the weight-sync group as a receiver; `buckets` is the sender's plan (fixed for the run)."""
-        from workers.weight_sync import BroadcastChannel, local_transport_info
+        from prime.rollout.weight_transfer import BroadcastChannel
 
-        self._channel = BroadcastChannel(host, port, rank, world_size, backend, local_transport_info()["ip"],
-                                         timeout_s=timeout_s)
+        self._channel = BroadcastChannel(host, port, rank, world_size, backend, node_ip(), timeout_s=timeout_s)
         self._buckets = buckets
 
     def receive_weights(self) -> dict[str, float]:
         """Receive one broadcast sync and load it into the engine in place.
 
         With vLLM the tensors then travel to the engine workers through `load_weights`
-        (collective_rpc); see workers/weight_sync.py for the direct NCCL route.
+        (collective_rpc).
         """
         t0 = time.perf_counter()
         named = self._channel.receive(self._buckets)

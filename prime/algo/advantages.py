@@ -1,4 +1,4 @@
-"""Advantage estimators (shared/ALGORITHMS.md section 3).
+"""Advantage estimators (docs/algorithms.md section 3).
 
 Every estimator takes per-response scores and/or token rewards plus integer ``group_ids`` (one per
 response, any order, not necessarily contiguous) and a response mask, and returns token-level
@@ -14,7 +14,7 @@ import torch
 
 from prime.algo._groups import last_valid_index, make_groups, require_group_size_at_least_2
 
-GRPO_EPS = 1e-6  # added to the group std (ALGORITHMS.md section 3)
+GRPO_EPS = 1e-6  # added to the group std (docs/algorithms.md section 3)
 WHITEN_EPS = 1e-8  # added to the variance in whiten()
 
 
@@ -165,7 +165,7 @@ def prime_returns(
     gamma_process: float = 1.0,
     gamma_outcome: float = 1.0,
 ) -> torch.Tensor:
-    """PRIME returns R before whitening (ALGORITHMS.md section 3, steps 1-3).
+    """PRIME returns R before whitening (docs/algorithms.md section 3, steps 1-3).
 
     1. Sources: process rewards r[i,t] and the outcome o_i placed on the last valid token L_i - 1.
     2. Leave-one-out per source, as the PRIME reference code does it: with m_i the mean of r_i over

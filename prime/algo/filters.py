@@ -1,4 +1,4 @@
-"""Group filters applied before training (ALGORITHMS.md section 5).
+"""Group filters applied before training (docs/algorithms.md section 5).
 
 Filters keep or drop WHOLE groups (all K responses of a prompt), so the group baselines of the
 advantage estimators stay well defined. Each returns a keep mask per response.
@@ -72,3 +72,32 @@ def group_filter_stats(
         stats["filter/kept_groups"] = float(kept_group.sum())
         stats["filter/kept_frac"] = float(kept_group.sum()) / num_groups
     return stats
+
+
+def keep_groups(
+    scores: torch.Tensor,
+    truncated: torch.Tensor,
+    *,
+    accuracy: bool = True,
+    acc_low: float = 0.2,
+    acc_high: float = 0.8,
+    drop_truncated: bool = False,
+) -> torch.Tensor:
+    """Which groups survive the enabled filters (accuracy, then truncation). # [G] bool
+
+    Args:
+        scores: verifier scores, one row of K per group. # [G, K]
+        truncated: True where a response hit the length limit. # [G, K]
+        accuracy: apply `accuracy_filter(acc_low, acc_high)`.
+        drop_truncated: apply `truncation_filter`.
+    """
+    if scores.dim() != 2 or truncated.shape != scores.shape:
+        raise ValueError(f"scores {tuple(scores.shape)} and truncated {tuple(truncated.shape)} must both be [G, K]")
+    g, k = scores.shape
+    group_ids = torch.arange(g).repeat_interleave(k)  # [G*K]
+    keep = torch.ones(g * k, dtype=torch.bool)  # [G*K]
+    if accuracy:
+        keep &= accuracy_filter(scores.reshape(-1), group_ids, acc_low, acc_high)
+    if drop_truncated:
+        keep &= truncation_filter(truncated.reshape(-1), group_ids)
+    return keep.view(g, k)[:, 0]

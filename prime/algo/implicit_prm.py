@@ -1,4 +1,4 @@
-"""Implicit process reward model: token rewards and the online PRM losses (ALGORITHMS.md 1-2).
+"""Implicit process reward model: token rewards and the online PRM losses (docs/algorithms.md 1-2).
 
 The PRM pi_phi is a causal LM; with a frozen reference pi_ref its token log-ratio
 q[i,t] = log pi_phi(y_t | ...) - log pi_ref(y_t | ...) is an implicit process reward
@@ -89,20 +89,25 @@ def sequence_rewards(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Ten
     return beta * _log_ratio(logp, ref_logp, mask).sum(dim=-1)
 
 
-def _better_pairs(acc: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
+def better_pairs(acc: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
     """P[w, l] = True when w and l share a group and acc_w > acc_l. # [B, B] bool"""
     groups = make_groups(group_ids, acc.shape[0])
     same_group = groups.index.unsqueeze(1) == groups.index.unsqueeze(0)  # [B, B]
     return same_group & (acc.unsqueeze(1) > acc.unsqueeze(0))  # [B, B]
 
 
+def rank_counts(q: torch.Tensor, pairs: torch.Tensor) -> tuple[int, int]:
+    """(pairs (w, l) of `pairs` [B, B] with Q_w > Q_l, number of pairs), for a ranking accuracy."""
+    correct = (q.unsqueeze(1) > q.unsqueeze(0)) & pairs  # [B, B]
+    return int(correct.sum()), int(pairs.sum())
+
+
 def _rank_metrics(q: torch.Tensor, pairs: torch.Tensor) -> tuple[float, int]:
     """(fraction of pairs with Q_w > Q_l, number of pairs); NaN accuracy when there is no pair."""
-    num_pairs = int(pairs.sum())
+    correct, num_pairs = rank_counts(q, pairs)
     if num_pairs == 0:
         return float("nan"), 0
-    correct = (q.unsqueeze(1) > q.unsqueeze(0)) & pairs  # [B, B]
-    return float(correct.sum()) / num_pairs, num_pairs
+    return correct / num_pairs, num_pairs
 
 
 def _agreement(q: torch.Tensor, acc: torch.Tensor) -> float:
@@ -144,7 +149,7 @@ def prm_ce_loss(
     with torch.no_grad():
         metrics = {"prm/loss": float(loss), "prm/acc": _agreement(q, acc)}
         if group_ids is not None:
-            metrics["prm/rank_acc"], _ = _rank_metrics(q, _better_pairs(acc, group_ids))
+            metrics["prm/rank_acc"], _ = _rank_metrics(q, better_pairs(acc, group_ids))
     return loss, metrics
 
 
@@ -177,7 +182,7 @@ def prm_dpo_loss(
     """
     q = sequence_rewards(logp, ref_logp, mask, beta)  # [B]
     acc = acc.to(q.dtype)
-    pairs = _better_pairs(acc, group_ids)  # [B, B]
+    pairs = better_pairs(acc, group_ids)  # [B, B]
     margins = q.unsqueeze(1) - q.unsqueeze(0)  # [B, B] Q_w - Q_l
     pair_losses = -F.logsigmoid(margins) * pairs.to(q.dtype)  # [B, B]
     num_pairs = int(pairs.sum())

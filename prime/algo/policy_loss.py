@@ -1,4 +1,4 @@
-"""Policy losses and their aggregation (shared/ALGORITHMS.md section 4).
+"""Policy losses and their aggregation (docs/algorithms.md section 4).
 
 Shapes: B responses in the (micro-)batch, T response positions (right-padded).
 
@@ -17,7 +17,7 @@ data-parallel ranks), the micro-batch losses add up to exactly the full-batch lo
 gradients under gradient accumulation. Dividing by the micro-batch's own N instead would weight a
 token by 1/(tokens in its micro-batch), which changes the loss whenever micro-batches hold different
 numbers of tokens. ``global_normalizer=None`` uses the local N, which is right only when the call
-sees the whole batch. seq-mean-token-sum-norm divides by the constant T_max alone (as ALGORITHMS.md
+sees the whole batch. seq-mean-token-sum-norm divides by the constant T_max alone (as docs/algorithms.md
 and verl define it), so it is additive over micro-batches by construction and ignores N.
 
 Data-parallel engines (DDP, DeepSpeed) AVERAGE gradients over the W ranks; with a global N the

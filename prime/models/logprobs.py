@@ -1,15 +1,8 @@
-"""Pack prompt/response pairs into one batch and compute per-token response log-probs.
+"""Per-token response log-probs (and entropies) of a causal LM over the packed layout.
 
-Batch layout (shared by the policy, the reference model and the implicit PRM):
-
-    input_ids      [B, P+T]   prompt LEFT-padded to width P, response RIGHT-padded to width T
-    attention_mask [B, P+T]   1 on real tokens, 0 on padding
-    position_ids   [B, P+T]   cumsum(attention_mask) - 1, clamped at 0 (so padding never shifts
-                              the positions of real tokens; the model sees each row as if unpadded)
-    response_mask  [B, T]     1.0 on real response tokens
-
-Every prompt ends at column P-1 and every response starts at column P, so the logits at columns
-P-1 .. P+T-2 predict the response tokens at columns P .. P+T-1 for all rows at once.
+The layout (left-padded prompts of width P, right-padded responses of width T) is that of
+`prime.data.batch.Batch`: the logits at columns P-1 .. P+T-2 predict the response tokens at
+columns P .. P+T-1 for all rows at once.
 """
 
 from __future__ import annotations
@@ -17,44 +10,6 @@ from __future__ import annotations
 import inspect
 
 import torch
-
-
-def pack_sequences(
-    prompts: list[list[int]], responses: list[list[int]], pad_id: int
-) -> dict[str, torch.Tensor]:
-    """Pack token-id lists into the left-padded prompt / right-padded response layout.
-
-    Returns a dict with input_ids, attention_mask, position_ids (long) and response_mask (float),
-    shapes as in the module docstring. Every prompt must have at least one token (its last token
-    predicts the first response token).
-    """
-    if len(prompts) != len(responses):
-        raise ValueError(f"got {len(prompts)} prompts but {len(responses)} responses; they must pair up")
-    if not prompts:
-        raise ValueError("cannot pack an empty batch (0 prompts)")
-    for i, p in enumerate(prompts):
-        if len(p) == 0:
-            raise ValueError(f"prompt {i} is empty; every prompt needs at least one token")
-    B = len(prompts)
-    P = max(len(p) for p in prompts)
-    T = max(len(r) for r in responses)
-    input_ids = torch.full((B, P + T), pad_id, dtype=torch.long)  # [B, P+T]
-    attention_mask = torch.zeros((B, P + T), dtype=torch.long)  # [B, P+T]
-    response_mask = torch.zeros((B, T), dtype=torch.float32)  # [B, T]
-    for i, (p, r) in enumerate(zip(prompts, responses)):
-        input_ids[i, P - len(p) : P] = torch.tensor(p, dtype=torch.long)
-        attention_mask[i, P - len(p) : P] = 1
-        if r:
-            input_ids[i, P : P + len(r)] = torch.tensor(r, dtype=torch.long)
-            attention_mask[i, P : P + len(r)] = 1
-            response_mask[i, : len(r)] = 1.0
-    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)  # [B, P+T]
-    return {
-        "input_ids": input_ids,
-        "attention_mask": attention_mask,
-        "position_ids": position_ids,
-        "response_mask": response_mask,
-    }
 
 
 def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
@@ -84,7 +39,7 @@ def response_logprobs(
 
     Args:
         model: a causal LM returning `.logits` [B, L, V].
-        input_ids, attention_mask, position_ids: [B, P+T] from `pack_sequences`.
+        input_ids, attention_mask, position_ids: [B, P+T], as in `prime.data.batch.Batch`.
         response_mask: [B, T] float, 1 on real response tokens; T is read from its width.
         temperature: logits are divided by it (must be > 0), matching the sampler.
         return_entropy: also return the entropy of each position's distribution, [B, T].

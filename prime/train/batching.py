@@ -7,14 +7,13 @@ Why a token budget: responses differ a lot in length, so a fixed number of rows 
 either wastes memory on short rows or runs out of it on long ones. A micro-batch is padded to its
 longest row, so its cost is `rows x longest row`; we pack rows until that product would exceed
 `max_tokens_per_micro_batch`. The loss does not depend on the split because every micro-batch
-loss is normalised by the global (mini-batch, all ranks) normaliser, see `prime/train/policy.py`.
+loss is normalised by the global (mini-batch, all ranks) normaliser, see `prime/train/trainer.py`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
 
 
 def _group_units(n: int, group_ids: Sequence[int] | None) -> list[list[int]]:
@@ -93,45 +92,3 @@ def make_mini_batches(
     if current:
         mini_batches.append(sorted(current))
     return mini_batches
-
-
-def select_rows(batch: dict, index: Sequence[int], batch_size: int) -> dict:
-    """Rows `index` of every tensor in `batch` whose first dimension is `batch_size`.
-
-    Other values (scalars, tensors of other shapes) are passed through unchanged.
-    """
-    idx = torch.as_tensor(list(index), dtype=torch.long)
-    out = {}
-    for key, value in batch.items():
-        if isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == batch_size:
-            out[key] = value.index_select(0, idx.to(value.device))
-        else:
-            out[key] = value
-    return out
-
-
-def trim_padding(input_ids, attention_mask, position_ids, response_mask):
-    """Drop columns that are padding in every row: leading prompt padding and trailing response
-    padding. The layout (left-padded prompts of width P, right-padded responses of width T) is
-    kept, so log-probs of the trimmed batch are the first `T'` columns of the untrimmed ones.
-
-    Returns (input_ids, attention_mask, position_ids, response_mask, kept_response_width).
-    """
-    seq_width = input_ids.shape[1]
-    resp_width = response_mask.shape[1]
-    prompt_width = seq_width - resp_width
-    prompt_mask = attention_mask[:, :prompt_width]  # [b, P]
-    used_prompt_cols = prompt_mask.any(dim=0).nonzero()
-    start = int(used_prompt_cols[0]) if used_prompt_cols.numel() else prompt_width - 1
-    # Keep at least one prompt column: log-probs of the first response token come from it.
-    start = min(start, prompt_width - 1)
-    used_resp_cols = (response_mask > 0).any(dim=0).nonzero()
-    keep_resp = int(used_resp_cols[-1]) + 1 if used_resp_cols.numel() else 1
-    end = prompt_width + keep_resp
-    return (
-        input_ids[:, start:end],
-        attention_mask[:, start:end],
-        position_ids[:, start:end],
-        response_mask[:, :keep_resp],
-        keep_resp,
-    )

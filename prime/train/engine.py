@@ -22,6 +22,7 @@ import math
 import os
 import socket
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -128,68 +129,81 @@ def all_reduce(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
     return tensor
 
 
-def build_engine(
-    model: torch.nn.Module,
-    *,
-    lr: float,
-    weight_decay: float = 0.0,
-    betas: tuple[float, float] = (0.9, 0.999),
-    eps: float = 1e-8,
-    grad_clip: float = 1.0,
-    zero_stage: int = 2,
-    offload_optimizer: bool = False,
-    bf16: bool = False,
-    lr_warmup_steps: int = 0,
-    lr_schedule: str = "constant",
-    total_steps: int | None = None,
-    min_lr_ratio: float = 0.0,
-    gradient_checkpointing: bool = False,
-):
+@dataclass(frozen=True)
+class EngineSettings:
+    """How a trainer's DeepSpeed engine optimises (flat values the launcher takes from the config).
+
+    lr: AdamW learning rate; weight_decay, betas, eps: AdamW's other settings.
+    grad_clip: global gradient-norm clip (<= 0 disables it).
+    zero_stage: DeepSpeed ZeRO stage (0-3).
+    offload_optimizer: optimizer states on the host (GPU only; on a CPU machine they are there already).
+    bf16: bf16 weights and compute (fp32 master weights inside DeepSpeed).
+    lr_warmup_steps, lr_schedule, total_steps, min_lr_ratio: the schedule of `lr_factor`.
+    gradient_checkpointing: recompute activations in backward (less memory, one more forward).
+    """
+
+    lr: float
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    zero_stage: int = 2
+    offload_optimizer: bool = False
+    bf16: bool = False
+    lr_warmup_steps: int = 0
+    lr_schedule: str = "constant"
+    total_steps: int | None = None
+    min_lr_ratio: float = 0.0
+    gradient_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        if self.zero_stage not in VALID_ZERO_STAGES:
+            raise ValueError(f"zero_stage={self.zero_stage!r} is not valid; choose one of {VALID_ZERO_STAGES}")
+        if self.lr_schedule not in VALID_LR_SCHEDULES:
+            raise ValueError(f"lr_schedule={self.lr_schedule!r} is not valid; choose one of {VALID_LR_SCHEDULES}")
+        if self.lr_schedule == "cosine" and not self.total_steps:
+            raise ValueError("lr_schedule='cosine' needs total_steps (the number of optimizer steps)")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+
+
+def build_engine(model: torch.nn.Module, settings: EngineSettings):
     """Wrap `model` in a DeepSpeed engine with AdamW, grad-norm clipping and a warm-up/decay schedule.
 
     `gradient_accumulation_steps` is 1 and the caller sets the accumulation boundary by hand, see
     the module docstring. On a machine without a GPU the CPU accelerator is used and optimizer
     offload is meaningless (everything is already on the CPU), so it is ignored there.
-    `grad_clip <= 0` disables clipping.
     """
-    if zero_stage not in VALID_ZERO_STAGES:
-        raise ValueError(f"zero_stage={zero_stage!r} is not valid; choose one of {VALID_ZERO_STAGES}")
-    if lr_schedule not in VALID_LR_SCHEDULES:
-        raise ValueError(f"lr_schedule={lr_schedule!r} is not valid; choose one of {VALID_LR_SCHEDULES}")
-    if lr_schedule == "cosine" and not total_steps:
-        raise ValueError("lr_schedule='cosine' needs total_steps (the number of optimizer steps)")
-    if lr <= 0:
-        raise ValueError(f"lr must be positive, got {lr}")
-
+    s = settings
     ensure_distributed()
     deepspeed = _import_deepspeed()
     on_gpu = torch.cuda.is_available()
-    offload = bool(offload_optimizer and on_gpu)
-    if offload_optimizer and not on_gpu:
+    offload = bool(s.offload_optimizer and on_gpu)
+    if s.offload_optimizer and not on_gpu:
         logging.getLogger(__name__).info("offload_optimizer ignored: no GPU, the optimizer is on the CPU already")
 
-    if gradient_checkpointing:
+    if s.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
-    zero: dict = {"stage": zero_stage}
-    if offload and zero_stage > 0:
+    zero: dict = {"stage": s.zero_stage}
+    if offload and s.zero_stage > 0:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
     config = {
         "train_micro_batch_size_per_gpu": 1,
         "gradient_accumulation_steps": 1,
         "train_batch_size": world_size(),
-        "gradient_clipping": float(grad_clip) if grad_clip and grad_clip > 0 else 0.0,
+        "gradient_clipping": float(s.grad_clip) if s.grad_clip > 0 else 0.0,
         "zero_optimization": zero,
-        "bf16": {"enabled": bool(bf16)},
+        "bf16": {"enabled": bool(s.bf16)},
         "optimizer": {
             "type": "AdamW",
             # torch.optim.AdamW everywhere except with CPU offload, where DeepSpeedCPUAdam is the
             # fast choice; FusedAdam would need a compiled extension.
             "params": {
-                "lr": lr,
-                "betas": list(betas),
-                "eps": eps,
-                "weight_decay": weight_decay,
+                "lr": s.lr,
+                "betas": list(s.betas),
+                "eps": s.eps,
+                "weight_decay": s.weight_decay,
                 "torch_adam": not offload,
             },
         },
@@ -200,13 +214,8 @@ def build_engine(
 
     def make_scheduler(optimizer) -> torch.optim.lr_scheduler.LambdaLR:
         def factor(step: int) -> float:
-            return lr_factor(
-                step,
-                warmup_steps=lr_warmup_steps,
-                schedule=lr_schedule,
-                total_steps=total_steps,
-                min_lr_ratio=min_lr_ratio,
-            )
+            return lr_factor(step, warmup_steps=s.lr_warmup_steps, schedule=s.lr_schedule,
+                             total_steps=s.total_steps, min_lr_ratio=s.min_lr_ratio)
 
         return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 

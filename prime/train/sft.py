@@ -41,9 +41,10 @@ from collections.abc import Iterator
 
 import torch
 
+from prime.data.batch import Batch, pack_sequences
 from prime.data.dataset import build_messages, encode_prompts, render_prompt, validate_row
 from prime.models.loading import load_model, load_tokenizer
-from prime.models.logprobs import pack_sequences, response_logprobs
+from prime.models.logprobs import response_logprobs
 
 logger = logging.getLogger(__name__)
 
@@ -113,11 +114,11 @@ def build_sft_examples(
     return prompt_ids, response_ids
 
 
-def sft_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def sft_loss(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
     """Mean negative log-likelihood over the response tokens of a packed batch (a scalar)."""
-    logp = response_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["position_ids"],
-                             batch["response_mask"])  # [B, T], 0 outside response_mask
-    mask = batch["response_mask"]  # [B, T]
+    logp = response_logprobs(model, batch.input_ids, batch.attention_mask, batch.position_ids,
+                             batch.response_mask)  # [B, T], 0 outside response_mask
+    mask = batch.response_mask  # [B, T]
     return -(logp * mask).sum() / mask.sum()
 
 
@@ -211,6 +212,44 @@ def _replace_checkpoint(model: torch.nn.Module, model_dir: str) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def _check_args(model_dir: str, *, steps: int, batch_size: int, lr: float, num_examples: int,
+                target_acc: float | None, max_seconds: float | None, eval_every: int, log_every: int) -> None:
+    """Raise naming the first argument of `sft_warm_start` that is out of range."""
+    if not os.path.isdir(model_dir):
+        raise FileNotFoundError(f"model_dir {model_dir!r} is not a folder; the warm start rewrites a local "
+                                "checkpoint folder in place (download a hub model to a folder first)")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if not lr > 0:
+        raise ValueError(f"lr must be > 0, got {lr}")
+    if num_examples < 1:
+        raise ValueError(f"num_examples must be >= 1, got {num_examples}")
+    if target_acc is not None and not 0.0 < target_acc <= 1.0:
+        raise ValueError(f"target_acc must be in (0, 1] or None, got {target_acc}")
+    if max_seconds is not None and max_seconds <= 0:
+        raise ValueError(f"max_seconds must be > 0 or None, got {max_seconds}")
+    if eval_every < 1:
+        raise ValueError(f"eval_every must be >= 1, got {eval_every}")
+    if log_every < 0:
+        raise ValueError(f"log_every must be >= 0, got {log_every}")
+
+
+def _resolve_rows(rows: list[dict] | None, eval_rows: list[dict] | None, num_examples: int, seed: int,
+                  measure: bool) -> tuple[list[dict], list[dict] | None]:
+    """Training rows and (when the accuracy is measured) evaluation rows, the defaults filled in."""
+    if rows is None:
+        rows, default_eval = default_rows(num_examples, seed)
+        eval_rows = default_eval if eval_rows is None else eval_rows
+    elif not rows:
+        raise ValueError("rows is an empty list; pass training rows, or None for the synthetic task")
+    if measure and eval_rows is None:
+        raise ValueError("the accuracy is to be measured (target_acc or measure is set) but custom rows "
+                         "were given without eval_rows; pass held-out eval_rows")
+    return rows, eval_rows if measure else None
+
+
 def sft_warm_start(
     model_dir: str,
     *,
@@ -254,52 +293,62 @@ def sft_warm_start(
         system_prompt: system message added to every prompt, as `data.system_prompt` does.
         num_threads: torch threads during the call (see `torch_threads`); None keeps the setting.
 
-    Accuracy is `sampled_accuracy`'s: 4 samples per prompt at temperature 1.0, at most 16
-    new tokens, graded by `prime.verifiers.math.score`.
-
-    Returns:
-        Metrics: `warmstart/loss_first`, `warmstart/loss`, `warmstart/steps`,
-        `warmstart/seconds` (loading, data preparation, training and accuracy checks; not the
-        save), `warmstart/examples`
-        (training set size), and `warmstart/acc` when the accuracy was measured.
+    Accuracy is `sampled_accuracy`'s: 4 samples per prompt at temperature 1.0, at most 16 new
+    tokens, graded by `prime.verifiers.math.score`. Returns the metrics `warmstart/loss_first`,
+    `warmstart/loss`, `warmstart/steps`, `warmstart/seconds` (all but the save),
+    `warmstart/examples` (training set size) and, when measured, `warmstart/acc`.
     """
-    if not os.path.isdir(model_dir):
-        raise FileNotFoundError(f"model_dir {model_dir!r} is not a folder; the warm start rewrites a local "
-                                "checkpoint folder in place (download a hub model to a folder first)")
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if not lr > 0:
-        raise ValueError(f"lr must be > 0, got {lr}")
-    if num_examples < 1:
-        raise ValueError(f"num_examples must be >= 1, got {num_examples}")
-    if target_acc is not None and not 0.0 < target_acc <= 1.0:
-        raise ValueError(f"target_acc must be in (0, 1] or None, got {target_acc}")
-    if max_seconds is not None and max_seconds <= 0:
-        raise ValueError(f"max_seconds must be > 0 or None, got {max_seconds}")
-    if eval_every < 1:
-        raise ValueError(f"eval_every must be >= 1, got {eval_every}")
-    if log_every < 0:
-        raise ValueError(f"log_every must be >= 0, got {log_every}")
-
-    if rows is None:
-        rows, default_eval = default_rows(num_examples, seed)
-        eval_rows = default_eval if eval_rows is None else eval_rows
-    elif not rows:
-        raise ValueError("rows is an empty list; pass training rows, or None for the synthetic task")
+    _check_args(model_dir, steps=steps, batch_size=batch_size, lr=lr, num_examples=num_examples,
+                target_acc=target_acc, max_seconds=max_seconds, eval_every=eval_every, log_every=log_every)
     measure = measure or target_acc is not None
-    if measure and eval_rows is None:
-        raise ValueError("the accuracy is to be measured (target_acc or measure is set) but custom rows "
-                         "were given without eval_rows; pass held-out eval_rows")
-
+    rows, eval_rows = _resolve_rows(rows, eval_rows, num_examples, seed, measure)
     with torch_threads(num_threads):
-        model, metrics = _train(model_dir, rows, eval_rows if measure else None, steps=steps,
+        model, metrics = _train(model_dir, rows, eval_rows, steps=steps,
                                 batch_size=batch_size, lr=lr, seed=seed, target_acc=target_acc,
                                 max_seconds=max_seconds, log_every=log_every, eval_every=eval_every,
                                 system_prompt=system_prompt)
     _replace_checkpoint(model, model_dir)
     return metrics
+
+
+def _shuffled_batches(prompts: list[list[int]], responses: list[list[int]], batch_size: int, pad_id: int,
+                      seed: int) -> Iterator[Batch]:
+    """Packed batches of `batch_size` examples: one seeded shuffled pass over the data after another
+    (a batch may span two passes)."""
+    gen = torch.Generator().manual_seed(seed)
+    order: list[int] = []
+    while True:
+        if len(order) < batch_size:
+            order += torch.randperm(len(prompts), generator=gen).tolist()
+        idx, order = order[:batch_size], order[batch_size:]
+        yield pack_sequences([prompts[i] for i in idx], [responses[i] for i in idx], pad_id)
+
+
+def _sft_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: Batch) -> float:
+    """One AdamW step on the batch's response NLL (grad-norm clip 1.0); returns the loss."""
+    loss = sft_loss(model, batch)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    return loss.item()
+
+
+class _Accuracy:
+    """Sampled accuracy of the model being trained on held-out rows, through a second copy of it
+    in an `HFEngine` that is refreshed in place before each check."""
+
+    def __init__(self, model_dir: str, model: torch.nn.Module, tokenizer, rows: list[dict],
+                 system_prompt: str | None, seed: int):
+        from prime.rollout.hf import HFEngine
+
+        self.model, self.seed = model, seed
+        self.engine = HFEngine(model_dir, seed=seed)
+        self.prompts, self.truths = _eval_prompts(tokenizer, rows, system_prompt)
+
+    def measure(self) -> float:
+        self.engine.load_weights((name, p.detach()) for name, p in self.model.named_parameters())
+        return _grade(self.engine.generate(self.prompts, n=4, max_new_tokens=16, seed=self.seed), self.truths)
 
 
 def _train(model_dir: str, rows: list[dict], eval_rows: list[dict] | None, *, steps: int,
@@ -317,45 +366,24 @@ def _train(model_dir: str, rows: list[dict], eval_rows: list[dict] | None, *, st
     prompts, responses = build_sft_examples(tokenizer, rows, system_prompt)
     pad_id = tokenizer.pad_token_id
 
-    engine = None
-    if eval_rows is not None:
-        from prime.rollout.hf import HFEngine
-
-        # A second copy of the model for sampling, refreshed in place before each check.
-        engine = HFEngine(model_dir, seed=seed)
-        eval_prompts, eval_truths = _eval_prompts(tokenizer, eval_rows, system_prompt)
-
-    def accuracy() -> float:
-        engine.load_weights((name, p.detach()) for name, p in model.named_parameters())
-        return _grade(engine.generate(eval_prompts, n=4, max_new_tokens=16, seed=seed), eval_truths)
-
-    gen = torch.Generator().manual_seed(seed)
+    accuracy = _Accuracy(model_dir, model, tokenizer, eval_rows, system_prompt, seed) if eval_rows else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     model.train()
-    order: list[int] = []
+    batches = _shuffled_batches(prompts, responses, batch_size, pad_id, seed)
     losses: list[float] = []
     acc, acc_step = None, -1
     step = 0
     while step < steps:
-        # One shuffled pass over the data after another; a batch may span two passes.
-        if len(order) < batch_size:
-            order += torch.randperm(len(prompts), generator=gen).tolist()
-        idx, order = order[:batch_size], order[batch_size:]
-        batch = pack_sequences([prompts[i] for i in idx], [responses[i] for i in idx], pad_id)
-        loss = sft_loss(model, batch)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
+        loss = _sft_step(model, optimizer, next(batches))
         step += 1
-        losses.append(loss.item())
+        losses.append(loss)
         if not math.isfinite(losses[-1]):
             raise FloatingPointError(f"SFT loss became {losses[-1]} at step {step}; lower lr (now {lr})")
         if log_every and step % log_every == 0:
             logger.info("warm start step %d/%d: loss %.4f", step, steps, sum(losses[-log_every:]) / log_every)
         if target_acc is not None and step % eval_every == 0:
             model.eval()
-            acc, acc_step = accuracy(), step
+            acc, acc_step = accuracy.measure(), step
             model.train()
             logger.info("warm start step %d: sampled accuracy %.3f (target %.3f)", step, acc, target_acc)
             if acc >= target_acc:
@@ -364,8 +392,8 @@ def _train(model_dir: str, rows: list[dict], eval_rows: list[dict] | None, *, st
             logger.info("warm start stopped at step %d after max_seconds=%s", step, max_seconds)
             break
     model.eval()
-    if engine is not None and acc_step != step:
-        acc = accuracy()
+    if accuracy is not None and acc_step != step:
+        acc = accuracy.measure()
     tail = losses[-max(1, log_every):]
     metrics = {
         "warmstart/loss_first": losses[0],

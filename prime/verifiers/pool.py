@@ -29,6 +29,8 @@ from collections import deque
 from multiprocessing.connection import wait
 from typing import Any, Callable, Mapping, Sequence
 
+from prime.verifiers.math import DEFAULT_TIMEOUT_S as MATH_TIMEOUT_S
+
 __all__ = ["VerifierPool", "grade_item"]
 
 _PRELOAD = ["math_verify", "prime.verifiers.math", "prime.verifiers.code", "prime.verifiers.registry"]
@@ -109,11 +111,11 @@ class VerifierPool:
 
     def __init__(
         self,
-        num_workers: int = 2,
-        timeout_s: float = 30.0,
+        num_workers: int,
+        timeout_s: float,
         *,
-        math_timeout_s: float = 5.0,
-        code_case_timeout_s: float = 4.0,
+        code_case_timeout_s: float,
+        math_timeout_s: float = MATH_TIMEOUT_S,
         grade_fn: Callable = grade_item,
     ) -> None:
         if not isinstance(num_workers, int) or num_workers < 1:

@@ -13,7 +13,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def actors(tmp_path_factory):
-    from launch.roles import policy_trainer_kwargs
+    from launch.roles import policy_args
     from prime.config import build_config
     from prime.models.tiny import build_tiny_model
     from workers.group import ActorGroup, init_ray
@@ -22,13 +22,13 @@ def actors(tmp_path_factory):
 
     path = build_tiny_model(str(tmp_path_factory.mktemp("tiny")), seed=3)
     cfg = build_config(None, ["trainer.batch_size=1", "rollout.n=4", "actor.lr=0.01", "rollout.max_response_len=16"])
-    init_ray("local", num_cpus=4, env_vars={"DS_ACCELERATOR": "cpu"})
-    env = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_LOGGING_LEVEL": "WARNING"}
-    rollout = ActorGroup(RolloutWorker, 1, name="rollout", env_vars=env, kwargs=dict(
+    init_ray("local", num_cpus=4, env_vars={"VLLM_LOGGING_LEVEL": "WARNING"})
+    rollout = ActorGroup(RolloutWorker, 1, name="rollout", kwargs=dict(
         engine="vllm", model_path=path,
         engine_kwargs=dict(dtype="float32", max_model_len=256, enforce_eager=True, seed=0)))
     policy = ActorGroup(PolicyWorker, 1, name="policy")
-    policy.call(lambda a, r: a.build.remote(path, policy_trainer_kwargs(cfg, total_optimizer_steps=10)))
+    loss, settings, kwargs = policy_args(cfg, total_optimizer_steps=10)
+    policy.call(lambda a, r: a.build.remote(path, loss, settings, kwargs))
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(path)
@@ -40,7 +40,7 @@ def actors(tmp_path_factory):
 
 
 def fixed_batch(tok):
-    from prime.models.logprobs import pack_sequences
+    from prime.data.batch import pack_sequences
 
     prompt = tok.apply_chat_template([{"role": "user", "content": "Compute 3+4."}], add_generation_prompt=True)
     prompt = prompt if isinstance(prompt[0], int) else prompt["input_ids"]
@@ -60,7 +60,7 @@ def engine_logprobs(rollout, prompts, responses):
 
 
 def policy_logprobs(policy, batch):
-    (logp, _), = policy.call(lambda a, r: a.compute_logprobs.remote(batch))
+    (logp, _), = policy.call(lambda a, r: a.logprobs.remote(batch))
     return logp
 
 
@@ -69,17 +69,15 @@ def test_vllm_logprobs_follow_the_policy_after_weight_sync(actors):
 
     policy, rollout, tok = actors
     prompts, responses, batch = fixed_batch(tok)
-    mask = batch["response_mask"]
+    mask = batch.response_mask
 
     before_engine = engine_logprobs(rollout, prompts, responses)
     before_policy = policy_logprobs(policy, batch)
     assert ((before_engine - before_policy).abs() * mask).max() < 1e-4
 
     # A real PPO update with a large learning rate moves the policy.
-    update = dict(batch)
-    update["old_logp"] = before_policy
-    update["advantages"] = torch.tensor([[1.0], [-1.0]]) * mask
-    (metrics, _), = policy.call(lambda a, r: a.update.remote(update))
+    update = batch.replace(old_logp=before_policy, advantages=torch.tensor([[1.0], [-1.0]]) * mask)
+    ((metrics, _), _), = policy.call(lambda a, r: a.update.remote(update))
     assert metrics["policy/grad_norm"] > 0
     after_policy = policy_logprobs(policy, batch)
     assert ((after_policy - before_policy).abs() * mask).max() > 1e-2

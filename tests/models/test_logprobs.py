@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from prime.models.loading import load_model
-from prime.models.logprobs import pack_sequences, response_logprobs, unpack_response_logprobs
+from prime.data.batch import pack_sequences
+from prime.models.logprobs import response_logprobs, unpack_response_logprobs
 
 PAD = 3
 
@@ -12,22 +13,8 @@ def model(tiny_model_path):
     return load_model(tiny_model_path)
 
 
-def test_pack_sequences_layout():
-    # Prompts [5,6] and [7]; responses [8] and [9,10,11]. P = 2, T = 3.
-    out = pack_sequences([[5, 6], [7]], [[8], [9, 10, 11]], pad_id=PAD)
-    assert out["input_ids"].tolist() == [[5, 6, 8, PAD, PAD], [PAD, 7, 9, 10, 11]]
-    assert out["attention_mask"].tolist() == [[1, 1, 1, 0, 0], [0, 1, 1, 1, 1]]
-    # cumsum(mask) - 1 clamped at 0: row 0 -> [0,1,2,2,2], row 1 -> [0,0,1,2,3].
-    assert out["position_ids"].tolist() == [[0, 1, 2, 2, 2], [0, 0, 1, 2, 3]]
-    assert out["response_mask"].tolist() == [[1.0, 0.0, 0.0], [1.0, 1.0, 1.0]]
-    assert out["input_ids"].dtype == torch.long and out["response_mask"].dtype == torch.float32
-
-
-def test_pack_sequences_bad_input():
-    with pytest.raises(ValueError, match="2 prompts but 1 responses"):
-        pack_sequences([[1], [2]], [[3]], pad_id=PAD)
-    with pytest.raises(ValueError, match="prompt 1 is empty"):
-        pack_sequences([[1], []], [[3], [4]], pad_id=PAD)
+def _packed(batch):
+    return [getattr(batch, k) for k in batch.PACKED]
 
 
 def _hand_loop_logprobs(model, prompt, response, temperature=1.0):
@@ -48,7 +35,7 @@ RESPONSES = [[100, 101], [110, 111, 112, 113, 114, 115], [120]]
 def test_response_logprobs_matches_hand_loop(model, temperature):
     batch = pack_sequences(PROMPTS, RESPONSES, pad_id=PAD)
     with torch.no_grad():
-        logp = response_logprobs(model, **batch, temperature=temperature)
+        logp = response_logprobs(model, *_packed(batch), temperature=temperature)
     assert logp.shape == (3, 6)
     for b, (p, r) in enumerate(zip(PROMPTS, RESPONSES)):
         expected = torch.tensor(_hand_loop_logprobs(model, p, r, temperature), dtype=torch.float64)
@@ -59,7 +46,7 @@ def test_response_logprobs_matches_hand_loop(model, temperature):
 def test_entropy_matches_definition(model):
     batch = pack_sequences(PROMPTS, RESPONSES, pad_id=PAD)
     with torch.no_grad():
-        logp, entropy = response_logprobs(model, **batch, return_entropy=True)
+        logp, entropy = response_logprobs(model, *_packed(batch), return_entropy=True)
         # Row 1 (prompt [1, 50], P = 7 so the prompt sits at columns 5..6): entropy of the
         # distribution that predicts its first response token = -sum p log p over the vocabulary.
         logits = model(torch.tensor([PROMPTS[1]])).logits[0, -1].double()
@@ -72,7 +59,7 @@ def test_entropy_matches_definition(model):
 
 def test_response_logprobs_gradient_flows(model):
     batch = pack_sequences(PROMPTS[:2], RESPONSES[:2], pad_id=PAD)
-    logp = response_logprobs(model, **batch)
+    logp = response_logprobs(model, *_packed(batch))
     logp.sum().backward()
     grad = model.model.embed_tokens.weight.grad
     assert grad is not None and grad.abs().sum() > 0
@@ -90,4 +77,4 @@ def test_unpack_response_logprobs():
 def test_bad_temperature(model):
     batch = pack_sequences([[1]], [[2]], pad_id=PAD)
     with pytest.raises(ValueError, match="temperature must be > 0, got 0"):
-        response_logprobs(model, **batch, temperature=0)
+        response_logprobs(model, *_packed(batch), temperature=0)

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from prime.models.logprobs import pack_sequences, response_logprobs, unpack_response_logprobs
+from prime.data.batch import pack_sequences
+from prime.models.logprobs import response_logprobs, unpack_response_logprobs
 from prime.rollout.base import Completion, RolloutEngine
 from prime.rollout.hf import HFEngine
 
@@ -17,8 +18,8 @@ def _reference_logprobs(model, completions, temperature=1.0):
     """response_logprobs of the sampled tokens, one list per completion."""
     batch = pack_sequences([c.prompt_ids for c in completions], [c.token_ids for c in completions], pad_id=3)
     with torch.no_grad():
-        logp = response_logprobs(model, **batch, temperature=temperature)
-    return unpack_response_logprobs(logp, batch["response_mask"])
+        logp = response_logprobs(model, *(getattr(batch, k) for k in batch.PACKED), temperature=temperature)
+    return unpack_response_logprobs(logp, batch.response_mask)
 
 
 def _check_conventions(completions, tokenizer, eos_id, max_new_tokens):
@@ -91,7 +92,7 @@ def test_score_logprobs_matches_response_logprobs(engine):
     assert [len(s) for s in scores] == [3, 1, 2]
     batch = pack_sequences(PROMPTS, responses, pad_id=3)
     with torch.no_grad():
-        ref = unpack_response_logprobs(response_logprobs(engine.model, **batch), batch["response_mask"])
+        ref = unpack_response_logprobs(response_logprobs(engine.model, *(getattr(batch, k) for k in batch.PACKED)), batch.response_mask)
     assert scores == ref
 
 

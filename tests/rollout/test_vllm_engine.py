@@ -9,7 +9,8 @@ import torch
 
 pytest.importorskip("vllm")
 
-from prime.models.logprobs import pack_sequences, response_logprobs, unpack_response_logprobs  # noqa: E402
+from prime.data.batch import pack_sequences
+from prime.models.logprobs import response_logprobs, unpack_response_logprobs  # noqa: E402
 from prime.rollout.base import RolloutEngine  # noqa: E402
 from prime.rollout.hf import HFEngine  # noqa: E402
 
@@ -41,8 +42,8 @@ def _max_abs_diff(a: list[list[float]], b: list[list[float]]) -> float:
 def _reference_logprobs(model, completions, temperature=1.0):
     batch = pack_sequences([c.prompt_ids for c in completions], [c.token_ids for c in completions], pad_id=3)
     with torch.no_grad():
-        logp = response_logprobs(model, **batch, temperature=temperature)
-    return unpack_response_logprobs(logp, batch["response_mask"])
+        logp = response_logprobs(model, *(getattr(batch, k) for k in batch.PACKED), temperature=temperature)
+    return unpack_response_logprobs(logp, batch.response_mask)
 
 
 def test_is_a_rollout_engine(engine):

@@ -15,9 +15,9 @@ def tiny_model_path(tmp_path_factory) -> str:
                             head_dim=64, vocab="byte", seed=0)
 
 
-def _make_batch(n: int = 8, group_size: int = 4, seed: int = 0, vocab: int = 200, pad_id: int = 0) -> dict:
+def _make_batch(n: int = 8, group_size: int = 4, seed: int = 0, vocab: int = 200, pad_id: int = 0):
     """A packed batch of `n` random prompt/response pairs of varied lengths, in groups of `group_size`."""
-    from prime.models.logprobs import pack_sequences
+    from prime.data.batch import pack_sequences
 
     gen = torch.Generator().manual_seed(seed)
     prompts, responses = [], []
@@ -26,12 +26,10 @@ def _make_batch(n: int = 8, group_size: int = 4, seed: int = 0, vocab: int = 200
         r_len = int(torch.randint(1, 9, (1,), generator=gen))
         prompts.append(torch.randint(1, vocab, (p_len,), generator=gen).tolist())
         responses.append(torch.randint(1, vocab, (r_len,), generator=gen).tolist())
-    batch = pack_sequences(prompts, responses, pad_id)
-    batch["group_ids"] = torch.arange(n) // group_size
-    return batch
+    return pack_sequences(prompts, responses, pad_id).replace(group_ids=torch.arange(n) // group_size)
 
 
 @pytest.fixture
 def make_batch():
-    """Factory fixture: `make_batch(n, group_size, seed)` -> packed batch dict with group_ids."""
+    """Factory fixture: `make_batch(n, group_size, seed)` -> packed `Batch` with group_ids."""
     return _make_batch

@@ -17,23 +17,24 @@ def main(model_path: str, out_file: str) -> None:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from conftest import _make_batch
 
-    from prime.train.batching import select_rows
-    from prime.train.policy import PolicyTrainer
+    from prime.train.engine import EngineSettings
+    from prime.train.losses import PPOClipLoss
+    from prime.train.trainer import Trainer
 
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    trainer = PolicyTrainer(model_path, lr=1e-3, mini_batch_size=8, max_tokens_per_micro_batch=25, zero_stage=2)
+    trainer = Trainer(model_path, PPOClipLoss(), EngineSettings(lr=1e-3, zero_stage=2), mini_batch_size=8,
+                      max_tokens_per_micro_batch=25)
     batch = _make_batch(16, group_size=4, seed=11)
-    logp = trainer.compute_logprobs(batch)
+    logp = trainer.logprobs(batch)
     gen = torch.Generator().manual_seed(12)
-    mask = batch["response_mask"]
-    batch["old_logp"] = (logp + 0.4 * (torch.rand(logp.shape, generator=gen) - 0.5)) * mask
-    batch["advantages"] = torch.randn(logp.shape, generator=gen) * mask
+    mask = batch.response_mask
+    batch = batch.replace(old_logp=(logp + 0.4 * (torch.rand(logp.shape, generator=gen) - 0.5)) * mask,
+                          advantages=torch.randn(logp.shape, generator=gen) * mask)
     # Mini-batch j of the single-rank run is rows 8j..8j+7; with W ranks each rank holds 8/W of
     # those rows, so the union over ranks of every local mini-batch is the same set of rows.
     per_rank = 8 // world
     rows = [j * 8 + rank * per_rank + i for j in range(2) for i in range(per_rank)]
-    shard = select_rows(batch, rows, 16)
-    metrics = trainer.update(shard)
+    metrics, _ = trainer.update(batch.select(rows))
     params = {n: p.detach().clone() for n, p in trainer.engine.module.named_parameters()}
     torch.save({"params": params, "metrics": metrics}, out_file)
 

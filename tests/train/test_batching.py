@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from prime.train.batching import make_micro_batches, make_mini_batches, trim_padding
+from prime.train.batching import make_micro_batches, make_mini_batches
 from prime.train.engine import lr_factor
 
 
@@ -59,21 +59,6 @@ def test_mini_batches_slices_and_whole_groups():
     # Groups of 3 with a mini-batch of 4 responses: a mini-batch closes once it holds >= 4.
     assert make_mini_batches(6, 4, [0, 0, 0, 1, 1, 1]) == [[0, 1, 2, 3, 4, 5]]
     assert make_mini_batches(6, 2, [0, 1, 0, 1, 2, 2]) == [[0, 2], [1, 3], [4, 5]]
-
-
-def test_trim_padding_keeps_layout():
-    # Two rows, P = 4, T = 3. Row 0: prompt [-, -, 5, 6], response [7, -, -];
-    # row 1: prompt [-, 1, 2, 3], response [4, 8, -]. Column 0 and response column 2 are padding
-    # everywhere, so the trimmed batch is P' = 3, T' = 2.
-    input_ids = torch.tensor([[0, 0, 5, 6, 7, 0, 0], [0, 1, 2, 3, 4, 8, 0]])
-    attention_mask = (input_ids > 0).long()
-    position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
-    response_mask = attention_mask[:, 4:].float()
-    ids, attn, pos, rmask, kept = trim_padding(input_ids, attention_mask, position_ids, response_mask)
-    assert kept == 2
-    assert ids.tolist() == [[0, 5, 6, 7, 0], [1, 2, 3, 4, 8]]
-    assert pos.tolist() == position_ids[:, 1:6].tolist()
-    assert rmask.tolist() == [[1.0, 0.0], [1.0, 1.0]]
 
 
 def test_lr_factor_warmup_then_constant_or_cosine():

@@ -12,7 +12,7 @@ from prime.data.dataset import build_prompt_dataset
 from prime.data.synthetic import arithmetic_rows
 from prime.train import sft as warmstart
 from prime.models.loading import load_model, load_tokenizer
-from prime.models.logprobs import pack_sequences
+from prime.data.batch import pack_sequences
 from prime.train.sft import (
     build_sft_examples,
     default_rows,

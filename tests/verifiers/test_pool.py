@@ -26,7 +26,7 @@ def test_real_math_and_code_batch():
         # malformed tests: a grader error, counted, scored 0
         {"ability": "code", "response": ADD_OK, "ground_truth": "not json"},
     ]
-    with VerifierPool(num_workers=2, timeout_s=20) as pool:
+    with VerifierPool(num_workers=2, timeout_s=20, code_case_timeout_s=4) as pool:
         scores, metrics = pool.score(items)
     assert scores == [1.0, 0.0, 1.0, 0.5, 0.0]
     assert metrics["verify/items"] == 5
@@ -37,7 +37,7 @@ def test_real_math_and_code_batch():
 
 
 def test_hanging_grader_is_killed_and_does_not_block():
-    with VerifierPool(num_workers=2, timeout_s=1.0, grade_fn=misbehaving_grader) as pool:
+    with VerifierPool(num_workers=2, timeout_s=1.0, code_case_timeout_s=1.0, grade_fn=misbehaving_grader) as pool:
         start = time.monotonic()
         scores, metrics = pool.score(_items("hang", "1", "hang", "0.5", "1", "1"))
         wall = time.monotonic() - start
@@ -53,7 +53,7 @@ def test_hanging_grader_is_killed_and_does_not_block():
 
 
 def test_grader_errors_and_dead_workers_are_counted():
-    with VerifierPool(num_workers=2, timeout_s=5.0, grade_fn=misbehaving_grader) as pool:
+    with VerifierPool(num_workers=2, timeout_s=5.0, code_case_timeout_s=4.0, grade_fn=misbehaving_grader) as pool:
         scores, metrics = pool.score(_items("raise", "die", "timeout", "1"))
     assert scores == [0.0, 0.0, 0.0, 1.0]
     assert metrics["verify/errors"] == 2  # the exception and the dead worker
@@ -62,7 +62,7 @@ def test_grader_errors_and_dead_workers_are_counted():
 
 
 def test_empty_batch_and_bad_items():
-    with VerifierPool(num_workers=1, timeout_s=5.0, grade_fn=misbehaving_grader) as pool:
+    with VerifierPool(num_workers=1, timeout_s=5.0, code_case_timeout_s=4.0, grade_fn=misbehaving_grader) as pool:
         assert pool.score([]) == ([], {
             "verify/items": 0.0, "verify/mean_score": 0.0, "verify/timeouts": 0.0,
             "verify/errors": 0.0, "verify/seconds": pytest.approx(0.0, abs=0.1),
@@ -72,7 +72,7 @@ def test_empty_batch_and_bad_items():
         with pytest.raises(ValueError, match="item 0 must be a dict"):
             pool.score(["just a string"])
     with pytest.raises(ValueError, match="num_workers"):
-        VerifierPool(num_workers=0)
+        VerifierPool(num_workers=0, timeout_s=5.0, code_case_timeout_s=4.0)
 
 
 @pytest.mark.slow
@@ -80,14 +80,14 @@ def test_verifier_worker_as_ray_actor():
     ray = pytest.importorskip("ray")
     import os
 
-    from workers.verifier import remote_verifier
+    from workers.verifier import VerifierWorker
 
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from workers.group import init_ray
 
     init_ray("local", num_cpus=2, env_vars={"PYTHONPATH": repo})  # bound to 127.0.0.1
     try:
-        actor = remote_verifier(num_cpus=1, timeout_s=20)
+        actor = ray.remote(num_cpus=1)(VerifierWorker).remote(num_workers=1, timeout_s=20, code_case_timeout_s=4)
         items = [
             {"ability": "math", "response": r"\boxed{2\sqrt{2}}", "ground_truth": r"\sqrt{8}"},
             {"ability": "code", "response": ADD_OK, "ground_truth": ADD_TESTS},

@@ -1,7 +1,7 @@
 """Both weight-sync transports on a real policy actor (DeepSpeed ZeRO-2 on CPU) and an HF engine actor.
 
 After a real PPO update the engines score a fixed response differently from the policy; after a
-sync their log-probs equal the policy's `compute_logprobs` (within 1e-5, both fp32 on the CPU).
+sync their log-probs equal the policy's `logprobs` (within 1e-5, both fp32 on the CPU).
 """
 
 from __future__ import annotations
@@ -26,10 +26,13 @@ def actors(tmp_path_factory):
 
     path = build_tiny_model(str(tmp_path_factory.mktemp("tiny")), hidden_size=64, num_layers=2, num_heads=1,
                             head_dim=64, vocab="byte", seed=0)
-    init_ray("local", num_cpus=4, env_vars={"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"})
+    from prime.train.engine import EngineSettings
+    from prime.train.losses import PPOClipLoss
+
+    init_ray("local", num_cpus=4, env_vars={"OMP_NUM_THREADS": "1"})
     policy = ActorGroup(PolicyWorker, 1, name="policy")
-    policy.call(lambda a, r: a.build.remote(path, dict(
-        lr=1e-2, mini_batch_size=2, max_tokens_per_micro_batch=10_000, zero_stage=2, seed=0)))
+    policy.call(lambda a, r: a.build.remote(path, PPOClipLoss(), EngineSettings(lr=1e-2, zero_stage=2),
+                                            dict(mini_batch_size=2, max_tokens_per_micro_batch=10_000)))
     # One engine keeps start-up short; several receivers are covered by the channel tests.
     rollout = ActorGroup(RolloutWorker, 1, name="rollout",
                          kwargs=dict(engine="hf", model_path=path, engine_kwargs=dict(dtype="float32")))
@@ -40,8 +43,8 @@ def actors(tmp_path_factory):
     ray.shutdown()
 
 
-def _batch(pad_id: int = 0) -> dict:
-    from prime.models.logprobs import pack_sequences
+def _batch(pad_id: int = 0):
+    from prime.data.batch import pack_sequences
 
     return pack_sequences(PROMPTS, RESPONSES, pad_id)
 
@@ -52,8 +55,8 @@ def _policy_logp(policy) -> list[list[float]]:
     from prime.models.logprobs import unpack_response_logprobs
 
     batch = _batch()
-    logp, _ = ray.get(policy.actors[0].compute_logprobs.remote(batch))
-    return unpack_response_logprobs(logp, batch["response_mask"])
+    logp, _ = ray.get(policy.actors[0].logprobs.remote(batch))
+    return unpack_response_logprobs(logp, batch.response_mask)
 
 
 def _engine_logp(rollout) -> list[list[list[float]]]:
@@ -69,11 +72,10 @@ def _perturb(policy, seed: int) -> None:
     import ray
 
     batch = _batch()
-    logp, _ = ray.get(policy.actors[0].compute_logprobs.remote(batch))
+    logp, _ = ray.get(policy.actors[0].logprobs.remote(batch))
     gen = torch.Generator().manual_seed(seed)
-    batch["old_logp"] = logp
-    batch["advantages"] = torch.randn(logp.shape, generator=gen) * batch["response_mask"]
-    metrics, _ = ray.get(policy.actors[0].update.remote(batch))
+    batch = batch.replace(old_logp=logp, advantages=torch.randn(logp.shape, generator=gen) * batch.response_mask)
+    (metrics, _), _ = ray.get(policy.actors[0].update.remote(batch))
     assert metrics["policy/grad_norm"] > 0
 
 
@@ -125,3 +127,10 @@ def test_both_transports_move_the_same_bytes(actors):
         assert ws.sync()["weight_sync/bytes"] == obj["weight_sync/bytes"]
     finally:
         ws.close()
+
+
+def test_make_weight_sync_rejects_unknown_kind():
+    from workers.weight_sync import make_weight_sync
+
+    with pytest.raises(ValueError, match="'nccl'.*object_store"):
+        make_weight_sync("nccl", None, None, 1)

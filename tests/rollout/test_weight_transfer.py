@@ -7,14 +7,13 @@ import threading
 import pytest
 import torch
 
-from workers.weight_sync import (
+from prime.rollout.weight_transfer import (
     BroadcastChannel,
     Bucket,
     TensorSlot,
     check_specs,
     choose_backend,
     flatten_bucket,
-    make_weight_sync,
     plan_buckets,
     unflatten_bucket,
     weight_specs,
@@ -102,11 +101,6 @@ def test_choose_backend():
     # Colocated: two members on one GPU (NCCL refuses that).
     assert choose_backend([{"gpu": "u0"}, {"gpu": "u0"}]) == "gloo"
     assert choose_backend([{"gpu": "u0"}, {"gpu": None}]) == "gloo"
-
-
-def test_make_weight_sync_rejects_unknown_kind():
-    with pytest.raises(ValueError, match="'nccl'.*object_store"):
-        make_weight_sync("nccl", None, None, 1)
 
 
 def _run_group(world: int, body) -> dict:

@@ -1,0 +1,53 @@
+"""The verbs every training role shares, over a `prime.train.trainer.Trainer` built by the role.
+
+A role class (policy, PRM) inherits `TrainingWorker`, builds `self.trainer` in its `build` verb
+and adds only its own verbs. Each compute verb returns its result with the seconds it spent, so
+the driver can tell the framework's own overhead from the actors' work.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import torch
+
+from prime.data.batch import Batch
+from prime.train.trainer import Trainer
+from workers.group import RankedWorker
+
+T = TypeVar("T")
+
+
+def timed(fn: Callable[[], T]) -> tuple[T, float]:
+    """`fn()` and its wall time in seconds."""
+    t0 = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t0
+
+
+class TrainingWorker(RankedWorker):
+    """One data-parallel rank of a trained role (its subclass sets `self.trainer` in `build`)."""
+
+    trainer: Trainer
+
+    def logprobs(self, batch: Batch) -> tuple[torch.Tensor, float]:
+        """No-grad log-probs [B, T] of this rank's shard under the current weights, and the seconds spent."""
+        return timed(lambda: self.trainer.logprobs(batch))
+
+    def update(self, batch: Batch) -> tuple[tuple[dict[str, float], torch.Tensor], float]:
+        """One update on this rank's shard: (metrics, the update's own log-probs [B, T]) and the seconds spent."""
+        return timed(lambda: self.trainer.update(batch))
+
+    def save_checkpoint(self, path: str) -> None:
+        self.trainer.save_checkpoint(path)
+
+    def load_checkpoint(self, path: str) -> None:
+        self.trainer.load_checkpoint(path)
+
+    def save_hf(self, path: str) -> None:
+        self.trainer.save_hf(path)
+
+    def shutdown(self) -> Any:
+        return None
