@@ -4,6 +4,8 @@
     prime sft CONFIG [section.key=value ...] [--out DIR]
     prime build-tiny-model OUT_DIR [--preset tiny|small] [--vocab arith|byte] [--seed S]
     prime make-data OUT [--kind arith|code] [--n N] [--seed S]
+    prime eval MODEL [DATA ...] [--suite SUITE.yaml] [--engine hf|vllm] [--n N] [--k 1,4,8] ...
+    prime convert-data SOURCE OUT [--format NAME] [--split S] [--config C] [--limit N]
 """
 
 from __future__ import annotations
@@ -69,6 +71,28 @@ def _make_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    from launch.eval import run
+
+    try:
+        run(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"prime eval: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _convert_data(args: argparse.Namespace) -> int:
+    from prime.data.convert import run_from_args
+
+    try:
+        run_from_args(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"prime convert-data: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="prime", description="Online RL for LLMs with implicit process rewards.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -98,6 +122,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_make_data)
+
+    p = sub.add_parser("eval", help="evaluate a model (pass@k, maj@k, implicit-PRM reranking) on files or a suite")
+    from launch.eval import add_arguments as add_eval_arguments
+
+    add_eval_arguments(p)
+    p.set_defaults(func=_eval)
+
+    p = sub.add_parser("convert-data", help="convert a public math/code set (hub name or local file) to the verl schema")
+    from prime.data.convert import add_arguments as add_convert_arguments
+
+    add_convert_arguments(p)
+    p.set_defaults(func=_convert_data)
 
     args = parser.parse_args(argv)
     return args.func(args)
