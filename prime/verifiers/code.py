@@ -18,7 +18,9 @@ the expected one (tuples as lists, floats within 1e-6). Comparison happens in th
 outside the sandbox; expected outputs never enter it.
 
 All cases of one response run in one sandbox (see :mod:`prime.verifiers.sandbox`), each case in a
-fresh forked child, so a crash or timeout fails only its own case.
+fresh forked child, so a crash or timeout fails only its own case. Programs may import the standard
+library and the packages in ``sandbox.ALLOWED_PACKAGES`` (numpy); they see no file of the host
+beyond those and the system's shared libraries.
 """
 
 from __future__ import annotations
