@@ -18,7 +18,7 @@ previous case left, however it daemonised. When pid 1 exits, the kernel kills th
 Per case it mounts fresh size-capped tmpfs over /tmp and /dev/shm (the only writable places of the
 view; /var/tmp and /run/lock too where they exist), so nothing a program writes survives it.
 
-Without namespaces (not root, no ``unshare``) the same harness runs directly: per-case process
+Without namespaces (not root, no usable ``bwrap``) the same harness runs directly: per-case process
 groups are killed, and as root every process of the per-run sandbox uid is killed as well.
 """
 
@@ -38,12 +38,12 @@ import traceback
 # case starts instantly. In process mode as root they are also the only modules the sandbox uid can
 # use when the interpreter lives where it cannot read (e.g. under /root); the mount view makes the
 # whole standard library readable.
-PRELOAD = tuple(
+PRELOAD = (
     "abc array bisect builtins calendar cmath collections collections.abc contextlib copy "
     "dataclasses datetime decimal encodings.idna enum fractions functools hashlib heapq io "
     "itertools json math numbers operator queue random re socket statistics string struct "
-    "subprocess sys textwrap threading time types typing unicodedata".split()
-)
+    "subprocess sys textwrap threading time types typing unicodedata"
+).split()
 
 MS_NOSUID, MS_NODEV = 2, 4
 MNT_DETACH = 2
@@ -393,7 +393,7 @@ def main():
     use_tmpfs = is_init and os.getuid() == 0 and _fresh_tmpfs(job["limits"]["tmpfs_bytes"])
     # Packages the program mentions load once here, with their thread pools pinned to one thread
     # by the environment, so forking after the import is safe.
-    _preload(PRELOAD + tuple(job["preload"]))
+    _preload(PRELOAD + list(job["preload"]))
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     total_deadline = time.monotonic() + float(job["total_timeout_s"])
     for index, case_input in enumerate(job["inputs"]):

@@ -108,6 +108,8 @@ _HARNESS_CAPS = ("CAP_SYS_ADMIN", "CAP_CHOWN", "CAP_FOWNER", "CAP_SETPCAP", "CAP
 # Numeric libraries would otherwise start a thread per core: unfair timing, RLIMIT_NPROC trouble.
 _THREAD_ENV = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 _HOST_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
+# Third-party package dirs inside the standard library directory, covered in the view.
+_HIDDEN_SUBDIRS = ("site-packages", "dist-packages")
 
 _log = logging.getLogger(__name__)
 
@@ -209,7 +211,7 @@ def _interpreter() -> _Interpreter:
     for host in _stdlib_dirs():
         inside = _inside(host, os.path.join(sys.platlibdir, version))
         binds.append((host, inside))
-        for sub in ("site-packages", "dist-packages"):
+        for sub in _HIDDEN_SUBDIRS:
             if os.path.isdir(os.path.join(host, sub)) and os.path.join(inside, sub) not in hidden:
                 hidden.append(os.path.join(inside, sub))
     library_dir = None
@@ -234,10 +236,18 @@ def _check_package_names(packages: Sequence[str]) -> tuple[str, ...]:
     return tuple(packages)
 
 
+def _in_stdlib(path: str) -> bool:
+    """Under a standard library directory, but not in its (hidden) site-packages."""
+    real = os.path.realpath(path)
+    for d in map(os.path.realpath, _stdlib_dirs()):
+        if real.startswith(d + os.sep):
+            return os.path.relpath(real, d).split(os.sep)[0] not in _HIDDEN_SUBDIRS
+    return False
+
+
 @functools.lru_cache(maxsize=16)
 def _package_binds(packages: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
     """(host path, path inside) for each allowed package and its bundled ``<name>.libs``."""
-    stdlib_dirs = {os.path.realpath(d) for d in _stdlib_dirs()}
     binds: dict[str, str] = {}
     for name in packages:
         spec = importlib.util.find_spec(name)
@@ -253,7 +263,7 @@ def _package_binds(packages: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
         else:
             continue  # built into the interpreter: nothing to mount
         for path in paths:
-            if any(os.path.realpath(path).startswith(d + os.sep) for d in stdlib_dirs):
+            if _in_stdlib(path):
                 continue  # a standard-library module: already in the view
             libs = os.path.join(os.path.dirname(path), name + ".libs")
             for host in (path, libs) if os.path.isdir(libs) else (path,):
@@ -435,11 +445,33 @@ def run_program(
     if len(caps) != n:
         raise ValueError(f"output_caps has {len(caps)} entries for {n} inputs")
     total = limits.total_timeout_s or (limits.timeout_s * n + 2.0)
-
-    namespace = isolation_mode() == "namespace"
+    job = _job(code, inputs, mode, fn_name, limits, caps, total)
+    job["preload"] = [p for p in packages if re.search(r"\b%s\b" % re.escape(p), code)]
     binds = _package_binds(packages)  # raises for a package that is not installed
+    if isolation_mode() == "namespace":
+        job.update(expect_pid_namespace=True, sys_path=[INSIDE_PACKAGES], env=_inside_env())
+        cmd = _namespace_command(packages, ["-I", "-S", INSIDE_HARNESS])
+        return _collect(_run_harness(cmd, json.dumps(job).encode(), total + _GRACE_S), n, mode)
+    job["sys_path"] = sorted({os.path.dirname(host) for host, _ in binds})
+    job["env"] = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", **_THREAD_ENV}
+    workdir = tempfile.mkdtemp(prefix="prime-sandbox-")
+    try:
+        if job["uid"] is not None:
+            os.chown(workdir, job["uid"], job["gid"])
+        os.chmod(workdir, 0o711)
+        job["workdir"] = workdir
+        cmd = [sys.executable, "-I", "-S", HARNESS]
+        raw = _run_harness(cmd, json.dumps(job).encode(), total + _GRACE_S)
+    finally:
+        _rmtree_hard(workdir)
+    return _collect(raw, n, mode)
+
+
+def _job(code: str, inputs: Sequence[Any], mode: str, fn_name: str | None, limits: SandboxLimits,
+         caps: list[int], total: float) -> dict[str, Any]:
+    """The harness's job, process-mode defaults (no work dir yet, no PID namespace)."""
     uid = SANDBOX_UID_BASE + random.randrange(SANDBOX_UID_COUNT) if os.geteuid() == 0 else None
-    job = {
+    return {
         "code": code,
         "mode": mode,
         "fn_name": fn_name,
@@ -450,8 +482,7 @@ def run_program(
         "uid": uid,
         "gid": uid,
         "workdir": None,
-        "expect_pid_namespace": namespace,
-        "preload": [p for p in packages if re.search(r"\b%s\b" % re.escape(p), code)],
+        "expect_pid_namespace": False,
         "limits": {
             "cpu_s": int(-(-limits.timeout_s // 1)) + 1,
             "memory_bytes": int(limits.memory_mb * _MiB),
@@ -461,24 +492,6 @@ def run_program(
             "nproc": int(limits.max_processes),
         },
     }
-    if namespace:
-        job["sys_path"] = [INSIDE_PACKAGES]
-        job["env"] = _inside_env()
-        cmd = _namespace_command(packages, ["-I", "-S", INSIDE_HARNESS])
-        return _collect(_run_harness(cmd, json.dumps(job).encode(), total + _GRACE_S), n, mode)
-    job["sys_path"] = sorted({os.path.dirname(host) for host, _ in binds})
-    job["env"] = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", **_THREAD_ENV}
-    workdir = tempfile.mkdtemp(prefix="prime-sandbox-")
-    try:
-        if uid is not None:
-            os.chown(workdir, uid, uid)
-        os.chmod(workdir, 0o711)
-        job["workdir"] = workdir
-        cmd = [sys.executable, "-I", "-S", HARNESS]
-        raw = _run_harness(cmd, json.dumps(job).encode(), total + _GRACE_S)
-    finally:
-        _rmtree_hard(workdir)
-    return _collect(raw, n, mode)
 
 
 def _run_harness(cmd: list[str], job: bytes, timeout_s: float) -> bytes:

@@ -536,14 +536,14 @@ def test_training_data_files_are_invisible(host, tmp_path):
 
     canary = _canary()
     rows = [{"prompt": "add two numbers", "expected_output": canary}]
-    # Data next to the checkout, in /var/tmp and in the host's /tmp, all world-readable.
-    dirs = [tempfile.mkdtemp(prefix=".sandbox-data-", dir=REPO), str(tmp_path)]
-    if os.path.isdir("/var/tmp"):
-        dirs.append(tempfile.mkdtemp(prefix="prime-data-", dir="/var/tmp"))
-    made = dirs[:1] + dirs[2:]  # tmp_path is pytest's to remove
+    made = []  # tmp_path is pytest's to remove
     try:
+        # Data next to the checkout, in /var/tmp and in the host's /tmp, all world-readable.
+        made.append(tempfile.mkdtemp(prefix=".sandbox-data-", dir=REPO))
+        if os.path.isdir("/var/tmp"):
+            made.append(tempfile.mkdtemp(prefix="prime-data-", dir="/var/tmp"))
         paths = []
-        for d in dirs:
+        for d in made + [str(tmp_path)]:
             os.chmod(d, 0o755)
             paths.append(_write(os.path.join(d, "train.jsonl"), json.dumps(rows[0]) + "\n"))
             parquet = os.path.join(d, "train.parquet")
@@ -748,6 +748,7 @@ def test_process_mode_fallback_still_contains_basics(host, monkeypatch):
     # Without namespaces: own session per case, rlimits, per-run uid when root, killed after.
     monkeypatch.setattr(sandbox, "isolation_mode", lambda: "process")
     assert grade(SUM_OK) == 1.0
+    assert grade("import numpy as np\nprint(int(np.sum([int(x) for x in input().split()])))") == 1.0
     assert grade("while True:\n    pass", timeout_s=0.5) == 0.0
     if os.geteuid() == 0:
         daemon = """
