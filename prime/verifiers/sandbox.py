@@ -296,9 +296,8 @@ class _ViewBuilder:
         dest = operands[-1]
         self._parents(dest)
         self.args += [op, *operands]
-        if op == "--dir":
-            self._made.add(dest)
-        elif op not in ("--symlink", "--remount-ro"):
+        self._made.add(dest)
+        if op not in ("--dir", "--symlink", "--remount-ro"):
             self._bound.append(dest)
 
 
