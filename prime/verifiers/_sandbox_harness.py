@@ -1,26 +1,29 @@
 """In-sandbox test runner, executed as ``python -I -S _sandbox_harness.py`` by sandbox.py.
 
-Standard library only (no site-packages under -S). Reads one JSON job from stdin, runs every test
-case in a forked child and writes one JSON line per case to stdout. The parent compares outputs;
-expected outputs never enter the sandbox, so a program cannot learn or forge them.
+Standard library only (no site-packages under -S; the job names the directories of the allowed
+third-party packages). Reads one JSON job from stdin, runs every test case in a forked child and
+writes one JSON line per case to stdout. The parent compares outputs; expected outputs never enter
+the sandbox, so a program cannot learn or forge them.
 
 Process layout (namespace mode, the default as root):
 
-    parent (grader)  --  unshare --net --pid --mount --fork  --  harness (pid 1 of the new
-    PID namespace, root)  --  one forked child per test case (drops to an unprivileged uid,
-    applies rlimits, runs the untrusted code)
+    parent (grader)  --  bwrap (new mount, PID, network, IPC, UTS namespaces; read-only mount
+    view)  --  harness (pid 1 of the new PID namespace, root with a few capabilities)  --  one
+    forked child per test case (drops to an unprivileged uid, applies rlimits, runs the
+    untrusted code)
 
 The harness stays root, so the untrusted code (another uid) can neither signal nor ptrace it.
 As pid 1 it reaps every orphan, and ``kill(-1, SIGKILL)`` between cases removes every process the
 previous case left, however it daemonised. When pid 1 exits, the kernel kills the whole namespace.
-Per case it mounts fresh size-capped tmpfs over /tmp, /var/tmp, /dev/shm and /run/lock (the only
-world-writable places), so nothing a program writes survives it or reaches the host disk.
+Per case it mounts fresh size-capped tmpfs over /tmp and /dev/shm (the only writable places of the
+view; /var/tmp and /run/lock too where they exist), so nothing a program writes survives it.
 
-Without namespaces (not root, no ``unshare``) the same harness runs directly: per-case process
+Without namespaces (not root, no usable ``bwrap``) the same harness runs directly: per-case process
 groups are killed, and as root every process of the per-run sandbox uid is killed as well.
 """
 
 import ctypes
+import errno
 import io
 import json
 import os
@@ -31,9 +34,10 @@ import sys
 import time
 import traceback
 
-# Modules commonly imported by competitive-programming solutions. They are imported here, as root,
-# before privileges are dropped: the interpreter may live where the sandbox uid cannot read
-# (e.g. under /root), and preloading also makes each forked case start instantly.
+# Modules commonly imported by competitive-programming solutions, imported once here so each forked
+# case starts instantly. In process mode as root they are also the only modules the sandbox uid can
+# use when the interpreter lives where it cannot read (e.g. under /root); the mount view makes the
+# whole standard library readable.
 PRELOAD = (
     "abc array bisect builtins calendar cmath collections collections.abc contextlib copy "
     "dataclasses datetime decimal encodings.idna enum fractions functools hashlib heapq io "
@@ -44,6 +48,7 @@ PRELOAD = (
 MS_NOSUID, MS_NODEV = 2, 4
 MNT_DETACH = 2
 PR_SET_NO_NEW_PRIVS = 38
+PR_CAPBSET_DROP = 24
 TMPFS_DIRS = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock")
 STDERR_CAP = 8192
 RESULT_CAP = 8 << 20
@@ -59,12 +64,25 @@ def _libc():
 LIBC = _libc()
 
 
-def _preload():
-    for name in PRELOAD:
+def _preload(names):
+    for name in names:
         try:
             __import__(name)
         except Exception:  # noqa: BLE001 - a missing optional module is fine
             pass
+
+
+def _drop_bounding_set():
+    """Empty the capability bounding set, so no later exec can regain a capability whatever the
+    file (defence in depth beside NO_NEW_PRIVS and the uid switch, which clears the others)."""
+    if LIBC is None:
+        raise OSError("no libc: cannot drop capabilities")
+    for cap in range(64):
+        if LIBC.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
+            err = ctypes.get_errno()
+            if err == errno.EINVAL:
+                return  # past the last capability this kernel knows
+            raise OSError(err, "PR_CAPBSET_DROP %d failed" % cap)
 
 
 def _fresh_tmpfs(size_bytes):
@@ -180,7 +198,6 @@ def _child(job, case_input, fds, workdir):
             (resource.RLIMIT_CORE, (0, 0)),
         ):
             resource.setrlimit(res, val)
-        os.chdir(workdir)
         os.dup2(stdin_fd, 0)
         os.dup2(out_w, 1)
         os.dup2(err_w, 2)
@@ -190,13 +207,17 @@ def _child(job, case_input, fds, workdir):
             os.closerange(3, res_w)
             os.closerange(res_w + 1, 65536)
         if job.get("uid") is not None:
+            _drop_bounding_set()
             os.setgroups([])
             os.setgid(job["gid"])
             os.setuid(job["uid"])
+        # After the uid switch: the harness may not search a directory of another uid (mode 700).
+        os.chdir(workdir)
         if LIBC is not None:
             LIBC.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
         os.environ.clear()
-        os.environ.update({"PATH": "/usr/bin:/bin", "HOME": workdir, "LANG": "C.UTF-8"})
+        os.environ.update(job["env"])
+        os.environ["HOME"] = workdir
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
         sys.stdin = io.TextIOWrapper(io.BufferedReader(io.FileIO(0, "r", closefd=False)), "utf-8", "replace")
         sys.stdout = io.TextIOWrapper(io.BufferedWriter(io.FileIO(1, "w", closefd=False)), "utf-8", "replace")
@@ -366,13 +387,19 @@ def _run_case(job, index, case_input, is_init, use_tmpfs):
 def main():
     job = json.loads(sys.stdin.buffer.read().decode("utf-8"))
     out = sys.stdout
+    sys.dont_write_bytecode = True  # the view is read-only; never write caches elsewhere either
+    sys.path.extend(job["sys_path"])
     is_init = os.getpid() == 1 and bool(job.get("expect_pid_namespace"))
     use_tmpfs = is_init and os.getuid() == 0 and _fresh_tmpfs(job["limits"]["tmpfs_bytes"])
-    _preload()
+    # Packages the program mentions load once here, with their thread pools pinned to one thread
+    # by the environment, so forking after the import is safe.
+    _preload(PRELOAD + list(job["preload"]))
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     total_deadline = time.monotonic() + float(job["total_timeout_s"])
     for index, case_input in enumerate(job["inputs"]):
-        if time.monotonic() + 0.05 >= total_deadline:
+        if not use_tmpfs and job["workdir"] is None:
+            record = {"i": index, "status": "sandbox_error"}  # no private tmpfs: run nothing
+        elif time.monotonic() + 0.05 >= total_deadline:
             record = {"i": index, "status": "skipped"}
         else:
             saved = job["timeout_s"]

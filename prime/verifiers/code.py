@@ -18,7 +18,9 @@ the expected one (tuples as lists, floats within 1e-6). Comparison happens in th
 outside the sandbox; expected outputs never enter it.
 
 All cases of one response run in one sandbox (see :mod:`prime.verifiers.sandbox`), each case in a
-fresh forked child, so a crash or timeout fails only its own case.
+fresh forked child, so a crash or timeout fails only its own case. Programs may import the standard
+library and the packages in ``sandbox.ALLOWED_PACKAGES`` (numpy); they see no file of the host
+beyond those and the system's shared libraries.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import math
 import re
 from typing import Any, Mapping
 
+from prime.config import VerifierConfig
 from prime.verifiers.sandbox import CaseRun, SandboxLimits, run_program
 
 __all__ = [
@@ -40,7 +43,7 @@ __all__ = [
     "DEFAULT_TIMEOUT_S",
 ]
 
-DEFAULT_TIMEOUT_S = 4.0
+DEFAULT_TIMEOUT_S = VerifierConfig.code_test_timeout_s  # the config's default, the one source of it
 FLOAT_TOL = 1e-6
 # A case may print up to twice its expected output plus this before it is cut off.
 _OUTPUT_SLACK_BYTES = 64 * 1024

