@@ -63,7 +63,8 @@ def check_run(run_dir, steps, extra_keys=(), prm=False):
     for r in rows:
         missing = (COMMON_KEYS | set(extra_keys)) - set(r)
         assert not missing, f"step {r['step']} lacks {sorted(missing)}"
-        # The engines' log-probs of what they sampled match the trainer's: weights are in sync.
+        # The engines' log-probs of what they sampled match the trainer's: weights are in sync. The
+        # mean gap is fp32 kernel rounding (~1e-7 here); a missed sync moves it above 1e-2.
         assert r["rollout/logprob_gap"] < 1e-3, r["rollout/logprob_gap"]
     init = os.path.join(run_dir, "init_model_tiny")
     assert max_abs_change(init, os.path.join(run_dir, "final_policy")) > 0, "policy weights did not change"
@@ -98,7 +99,7 @@ def test_prime_with_vllm_runs_checkpoints_and_resumes(tmp_path):
     run(cfg3)
     rows = read_metrics(run_dir)
     assert [r["step"] for r in rows] == [1, 2, 3]
-    assert rows[2]["rollout/logprob_gap"] < 1e-3
+    assert rows[2]["rollout/logprob_gap"] < 1e-3  # as in check_run
     state3 = json.loads(Path(find_latest(os.path.join(run_dir, "checkpoints")), "state.json").read_text())
     assert state3["step"] == 3
     assert state3["sampler"]["num_served"] > state["sampler"]["num_served"]

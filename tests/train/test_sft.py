@@ -88,7 +88,7 @@ def test_sft_loss_counts_response_tokens_only():
     # (3 and 3, 3) and the pad are never targets. Token NLLs: ln 2, ln 6, ln 2 -> mean over 3.
     batch = pack_sequences([[3], [3, 3]], [[0, 2], [0]], pad_id=1)
     expected = (2 * math.log(2.0) + math.log(6.0)) / 3
-    assert sft_loss(_FixedLogits(), batch).item() == pytest.approx(expected, rel=1e-6)
+    assert sft_loss(_FixedLogits(), batch).item() == pytest.approx(expected, rel=1e-6)  # fp32 log-softmax
 
 
 def test_short_warm_start_lowers_loss_changes_weights_and_keeps_folder(model_dir):
