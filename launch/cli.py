@@ -6,6 +6,7 @@
     prime make-data OUT [--kind arith|code] [--n N] [--seed S]
     prime eval MODEL [DATA ...] [--suite SUITE.yaml] [--engine hf|vllm] [--n N] [--k 1,4,8] ...
     prime convert-data SOURCE OUT [--format NAME] [--split S] [--config C] [--limit N]
+    prime sweep SWEEP.yaml [--summarize-only]
 """
 
 from __future__ import annotations
@@ -93,22 +94,26 @@ def _convert_data(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="prime", description="Online RL for LLMs with implicit process rewards.")
-    sub = parser.add_subparsers(dest="command", required=True)
+def _sweep(args: argparse.Namespace) -> int:
+    from launch.sweep import main as run_sweep
+    from prime.config import ConfigError
 
-    p = sub.add_parser("train", help="run an RL job from a YAML preset plus dotted overrides")
+    try:
+        return run_sweep(args.sweep, summarize_only=args.summarize_only)
+    except ConfigError as e:
+        print(f"prime sweep: {e}", file=sys.stderr)
+        return 2
+
+
+def _add_config_command(sub, name: str, help: str, func) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=help)
     p.add_argument("config", help="YAML preset, e.g. configs/tiny_cpu.yaml")
     p.add_argument("overrides", nargs="*", help="section.key=value, applied after the preset (e.g. algo.name=grpo)")
-    p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
-    p.set_defaults(func=_train)
+    p.set_defaults(func=func)
+    return p
 
-    p = sub.add_parser("sft", help="build the tiny model and give it the supervised warm start RL starts from")
-    p.add_argument("config", help="YAML preset, e.g. configs/tiny_cpu.yaml (model and data sections)")
-    p.add_argument("overrides", nargs="*", help="section.key=value, applied after the preset")
-    p.add_argument("--out", default=None, help="output folder (default: <output_dir>/<run_name>/sft_model)")
-    p.set_defaults(func=_sft)
 
+def _add_data_commands(sub) -> None:
     p = sub.add_parser("build-tiny-model", help="write a tiny HF checkpoint + tokenizer built locally")
     p.add_argument("out_dir")
     p.add_argument("--preset", choices=["tiny", "small"], default="tiny")
@@ -123,19 +128,38 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_make_data)
 
-    p = sub.add_parser("eval", help="evaluate a model (pass@k, maj@k, implicit-PRM reranking) on files or a suite")
-    from launch.eval import add_arguments as add_eval_arguments
-
-    add_eval_arguments(p)
-    p.set_defaults(func=_eval)
-
-    p = sub.add_parser("convert-data", help="convert a public math/code set (hub name or local file) to the verl schema")
     from prime.data.convert import add_arguments as add_convert_arguments
 
+    p = sub.add_parser("convert-data", help="convert a public math/code set (hub name or local file) to the verl schema")
     add_convert_arguments(p)
     p.set_defaults(func=_convert_data)
 
-    args = parser.parse_args(argv)
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="prime", description="Online RL for LLMs with implicit process rewards.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = _add_config_command(sub, "train", "run an RL job from a YAML preset plus dotted overrides", _train)
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    p = _add_config_command(sub, "sft", "build the tiny model and give it the supervised warm start RL starts from",
+                            _sft)
+    p.add_argument("--out", default=None, help="output folder (default: <output_dir>/<run_name>/sft_model)")
+
+    from launch.eval import add_arguments as add_eval_arguments
+
+    p = sub.add_parser("eval", help="evaluate a model (pass@k, maj@k, implicit-PRM reranking) on files or a suite")
+    add_eval_arguments(p)
+    p.set_defaults(func=_eval)
+
+    p = sub.add_parser("sweep", help="run a grid of training jobs, then tabulate and plot their held-out results")
+    p.add_argument("sweep", help="sweep YAML, e.g. configs/sweeps/cpu_ablation.yaml")
+    p.add_argument("--summarize-only", action="store_true", help="only rebuild the table and plots from the arms")
+    p.set_defaults(func=_sweep)
+    _add_data_commands(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     return args.func(args)
 
 

@@ -58,6 +58,11 @@ class MetricsLogger:
         for key, short, fmt in CONSOLE_KEYS:
             if key in clean and not math.isnan(clean[key]):
                 parts.append(f"{short}={fmt.format(clean[key])}")
+        for key, value in clean.items():  # held-out greedy pass@1 of every dataset, when evaluated
+            if key.startswith("eval/") and key.endswith("/greedy_pass@1"):
+                parts.append(f"eval:{key[len('eval/'):-len('/greedy_pass@1')]}={value:.3f}")
+        if "eval/prm_rank_acc" in clean:
+            parts.append(f"eval:prm_rank={clean['eval/prm_rank_acc']:.2f}")
         line = " | ".join(parts)
         if self.bar is not None:
             self.bar.write(line)

@@ -114,6 +114,20 @@ def load_dataset(cfg: Config, tokenizer, run_dir: str) -> PromptDataset:
     return ds
 
 
+def eval_files(cfg: Config, run_dir: str) -> list[str]:
+    """The held-out files: `data.eval_files`, or the synthetic task's held-out split (written into
+    the run folder, disjoint from its training split)."""
+    if cfg.data.eval_files:
+        return list(cfg.data.eval_files)
+    from prime.data.synthetic import make_synthetic_dataset
+
+    path = os.path.join(run_dir, f"synthetic_{cfg.data.synthetic}_test.parquet")
+    if not os.path.exists(path):
+        make_synthetic_dataset(cfg.data.synthetic, path, n=cfg.data.synthetic_eval_size, seed=cfg.trainer.seed,
+                               split="test")
+    return [path]
+
+
 def optimizer_steps(cfg: Config, rl_steps: int) -> int:
     """Policy optimizer steps in `rl_steps` RL steps (the LR schedule's horizon); a short last
     mini-batch is a step too."""
@@ -133,6 +147,8 @@ class Job:
     dataset: PromptDataset
     sampler: PromptSampler
     roles: Roles
+    eval_problems: list
+    """Held-out problems (`prime.eval.runner.EvalProblem`) evaluated every `trainer.eval_every` steps."""
 
     @property
     def pad_id(self) -> int:
@@ -158,8 +174,13 @@ def start_job(cfg: Config) -> Job:
     tokenizer = load_tokenizer(model_path, trust_remote_code=cfg.model.trust_remote_code)
     dataset = load_dataset(cfg, tokenizer, run_dir)
     sampler = PromptSampler(len(dataset), cfg.trainer.batch_size, seed=cfg.trainer.seed, shuffle=cfg.data.shuffle)
+    eval_problems = []
+    if cfg.trainer.eval_every:
+        from launch.evaluation import load_eval_problems
+
+        eval_problems = load_eval_problems(cfg, eval_files(cfg, run_dir), tokenizer)
     init_ray(cfg.cluster.address, cfg.cluster.num_cpus, env_vars=env)
     roles = build_roles(cfg, model_path, cfg.prm.model_path or model_path,
                         optimizer_steps(cfg, cfg.trainer.total_steps))
     log.info("actors ready (engine start %.1f s)", roles.engine_start_s)
-    return Job(cfg, run_dir, model_path, tokenizer, dataset, sampler, roles)
+    return Job(cfg, run_dir, model_path, tokenizer, dataset, sampler, roles, eval_problems)

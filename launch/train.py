@@ -19,6 +19,7 @@ import os
 import shutil
 import time
 
+from launch.evaluation import run_eval
 from launch.logger import MetricsLogger
 from launch.setup import Job, start_job
 from launch.stages import (
@@ -188,10 +189,20 @@ def save_final(group, final: str) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
+def eval_due(cfg: Config, step: int) -> bool:
+    """Held-out evaluation before the first step (step 0), every `trainer.eval_every` steps and after the last."""
+    t = cfg.trainer
+    return bool(t.eval_every) and (step % t.eval_every == 0 or step == t.total_steps)
+
+
 def train_loop(job: Job, logger: MetricsLogger, start: int) -> None:
     t = job.cfg.trainer
+    if start == 0 and eval_due(job.cfg, 0):
+        logger.log(0, run_eval(job.cfg, job.eval_problems, job.roles, job.tokenizer))
     for step in range(start + 1, t.total_steps + 1):
         metrics = train_step(job, step)
+        if eval_due(job.cfg, step):
+            metrics |= run_eval(job.cfg, job.eval_problems, job.roles, job.tokenizer)
         if (t.save_every and step % t.save_every == 0) or step == t.total_steps:
             t0 = time.perf_counter()
             save(job, step)

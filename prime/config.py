@@ -60,9 +60,15 @@ class DataConfig:
     synthetic: Literal["arith", "code", "none"] = "arith"
     """Bundled synthetic task used when `train_files` is empty."""
     synthetic_size: int = 512
-    """Rows of the synthetic task."""
+    """Rows of the synthetic task's training split."""
+    synthetic_eval_size: int = 0
+    """Rows of the synthetic task's held-out split (no problem shared with training), evaluated when
+    `data.eval_files` is empty; 0: none."""
     max_prompt_len: int = 1024
     """Prompts longer than this (in tokens, after the chat template) are dropped and counted."""
+    eval_files: list[str] = field(default_factory=list)
+    """Held-out sets evaluated every `trainer.eval_every` steps: parquet/jsonl files or folders, one
+    dataset each (or one per data_source when a file mixes sources)."""
     system_prompt: str | None = None
     """A system message put before every prompt (None: the rows' own messages only)."""
     shuffle: bool = True
@@ -226,6 +232,28 @@ class ActorConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Held-out evaluation during training (docs/algorithms.md section 8); also the defaults of `prime eval`."""
+
+    n: int = 4
+    """Sampled responses per problem (pass@k, maj@k and the PRM metrics use them)."""
+    ks: list[int] = field(default_factory=lambda: [1, 4])
+    """The k of pass@k and maj@k; each at most `n`."""
+    temperature: float = 0.6
+    """Sampling temperature of the n responses (greedy pass@1 decodes one more at temperature 0)."""
+    top_p: float = 1.0
+    """Nucleus of the sampled responses."""
+    greedy: bool = True
+    """Also decode one greedy response per problem, for greedy pass@1."""
+    max_new_tokens: int = 0
+    """Response budget; 0 uses rollout.max_response_len."""
+    limit: int = 0
+    """Problems per dataset (the first ones); 0 evaluates them all."""
+    batch_size: int = 64
+    """Prompts per generation call."""
+
+
+@dataclass
 class TrainerConfig:
     """The driver loop: steps, batch, checkpoints, resume."""
 
@@ -235,6 +263,9 @@ class TrainerConfig:
     """Prompts per step (each with rollout.n responses) after filtering."""
     save_every: int = 50
     """Checkpoint every N steps (0: only the final one)."""
+    eval_every: int = 0
+    """Evaluate the policy on `data.eval_files` before the first step, every N steps and after the
+    last (0: never)."""
     keep_last: int = 2
     """Complete checkpoints kept on disk; older ones are deleted after each save."""
     resume: str = "auto"
@@ -299,6 +330,7 @@ class Config:
     filter: FilterConfig = field(default_factory=FilterConfig)
     actor: ActorConfig = field(default_factory=ActorConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
@@ -518,6 +550,7 @@ def validate(cfg: Config) -> None:
         "actor.lr_warmup_steps": cfg.actor.lr_warmup_steps,
         "cluster.num_cpus": cfg.cluster.num_cpus,
         "data.synthetic_size": cfg.data.synthetic_size,
+        "data.synthetic_eval_size": cfg.data.synthetic_eval_size,
     }.items():
         need(v >= 0, f"{key} must be >= 0, got {v}")
     for key, v in {"actor.lr": cfg.actor.lr, "prm.lr": cfg.prm.lr}.items():
@@ -587,3 +620,21 @@ def validate(cfg: Config) -> None:
             "data.train_files is empty and data.synthetic=none: give training files or a synthetic task (arith, code)",
         )
     need(cfg.trainer.resume != "", "trainer.resume must be auto, none or a checkpoint path, got ''")
+    _validate_eval(cfg, need)
+
+
+def _validate_eval(cfg: Config, need) -> None:
+    e = cfg.eval
+    for key, v in {"eval.n": e.n, "eval.batch_size": e.batch_size}.items():
+        need(v >= 1, f"{key} must be >= 1, got {v}")
+    for key, v in {"eval.max_new_tokens": e.max_new_tokens, "eval.limit": e.limit,
+                   "trainer.eval_every": cfg.trainer.eval_every}.items():
+        need(v >= 0, f"{key} must be >= 0, got {v}")
+    need(bool(e.ks) and all(1 <= k <= e.n for k in e.ks),
+         f"eval.ks must be a non-empty list of k with 1 <= k <= eval.n ({e.n}), got {e.ks}")
+    need(e.temperature >= 0, f"eval.temperature must be >= 0 (0 = greedy), got {e.temperature}")
+    need(0 < e.top_p <= 1, f"eval.top_p must be in (0, 1], got {e.top_p}")
+    if cfg.trainer.eval_every:
+        need(bool(cfg.data.eval_files) or cfg.data.synthetic_eval_size > 0,
+             f"trainer.eval_every={cfg.trainer.eval_every} needs held-out data: set data.eval_files "
+             "(or a synthetic task's data.synthetic_eval_size)")

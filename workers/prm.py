@@ -20,3 +20,7 @@ class PRMWorker(TrainingWorker):
     def update_and_rewards(self, batch: Batch, mode: str) -> tuple[tuple[torch.Tensor, dict[str, float]], float]:
         """(token rewards [B, T], metrics) of this rank's shard, the PRM updated per `mode`, and the seconds spent."""
         return timed(lambda: self.prm.update_and_rewards(batch, mode))
+
+    def log_ratios(self, batch: Batch) -> tuple[torch.Tensor, float]:
+        """q [B, T] of this rank's shard under the current PRM (held-out scoring), and the seconds spent."""
+        return timed(lambda: self.prm.log_ratios(batch))

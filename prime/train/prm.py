@@ -76,6 +76,11 @@ class ImplicitPRM:
             "prm/rank_acc": float(t[2] / t[3]) if t[3] > 0 else float("nan"),
         }
 
+    def log_ratios(self, batch: Batch) -> torch.Tensor:
+        """q = log pi_prm - log pi_ref of every response token under the current PRM, no grad. # [B, T]"""
+        batch = self.with_reference(batch)
+        return (self.trainer.logprobs(batch) - batch.ref_logp) * batch.response_mask
+
     def update_and_rewards(self, batch: Batch, mode: str = "before") -> tuple[torch.Tensor, dict[str, float]]:
         """PRM update (per `mode`) and token rewards of the batch. Returns (rewards [B, T] CPU fp32,
         metrics: prm/loss, prm/grad_norm, prm/lr, prm/num_steps unless mode=none, prm/acc and

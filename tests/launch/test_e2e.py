@@ -34,6 +34,24 @@ def make_cfg(tmp_path, *overrides):
     ])
 
 
+def eval_file(tmp_path) -> str:
+    """Eight held-out arithmetic rows (another seed than the training set's)."""
+    from prime.data.synthetic import arithmetic_rows, write_rows
+
+    return str(write_rows(arithmetic_rows(8, seed=123), tmp_path / "heldout.jsonl"))
+
+
+def check_eval(rows, steps, prm=False):
+    """Held-out metrics at step 0, at the evaluated steps and after the last."""
+    evaluated = [r["step"] for r in rows if "eval/heldout/greedy_pass@1" in r]
+    assert evaluated == steps, evaluated
+    row = rows[-1]
+    for key in ("eval/heldout/pass@1", "eval/heldout/pass@4", "eval/heldout/maj@4", "eval/heldout/mean_score"):
+        assert 0.0 <= row[key] <= 1.0, key
+    if prm:
+        assert 0.0 <= row["eval/heldout/prm_best_of_n_sum@4"] <= 1.0
+
+
 def read_metrics(run_dir):
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]
@@ -58,7 +76,7 @@ def max_abs_change(a_dir, b_dir):
 
 
 def check_run(run_dir, steps, extra_keys=(), prm=False):
-    rows = read_metrics(run_dir)
+    rows = [r for r in read_metrics(run_dir) if r["step"] > 0]  # step 0 holds only the first evaluation
     assert [r["step"] for r in rows] == list(range(1, steps + 1))
     for r in rows:
         missing = (COMMON_KEYS | set(extra_keys)) - set(r)
@@ -113,8 +131,12 @@ def test_grpo_and_gvpo_with_hf_engine(tmp_path, algo, sync, extra):
     from launch.train import run
 
     cfg = make_cfg(tmp_path, f"algo.name={algo}", "rollout.engine=hf", "trainer.total_steps=2",
-                   "trainer.save_every=2", f"trainer.run_name={algo}", f"cluster.weight_sync={sync}")
+                   "trainer.save_every=2", f"trainer.run_name={algo}", f"cluster.weight_sync={sync}",
+                   "trainer.eval_every=2", f"data.eval_files=[{eval_file(tmp_path)}]")
     run_dir = run(cfg)
+    rows = read_metrics(run_dir)
+    check_eval(rows, [0, 2])
+    assert rows[0]["step"] == 0  # the start point of the held-out curve
     check_run(run_dir, 2, extra_keys=extra | {"weight_sync/bytes"})
     assert not (Path(run_dir) / "final_prm").exists()  # no PRM outside PRIME
 
@@ -142,6 +164,9 @@ def test_prime_with_two_data_parallel_ranks(tmp_path):
 
     cfg = make_cfg(tmp_path, "algo.name=prime", "rollout.engine=hf", "trainer.total_steps=2",
                    "trainer.save_every=2", "trainer.run_name=dp2", "cluster.policy_world_size=2",
-                   "cluster.prm_world_size=2", "cluster.num_cpus=8")
+                   "cluster.prm_world_size=2", "cluster.num_cpus=8", "trainer.eval_every=5",
+                   f"data.eval_files=[{eval_file(tmp_path)}]")
     run_dir = run(cfg)
+    rows = read_metrics(run_dir)
+    check_eval(rows, [0, 2], prm=True)  # the PRM's 2 ranks score the held-out samples
     check_run(run_dir, 2, extra_keys={"prm/loss", "policy/clip_frac"}, prm=True)
