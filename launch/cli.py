@@ -1,6 +1,7 @@
 """The `prime` command.
 
     prime train CONFIG [section.key=value ...] [--dry-run]
+    prime plan CONFIG [section.key=value ...]
     prime sft CONFIG [section.key=value ...] [--out DIR]
     prime build-tiny-model OUT_DIR [--preset tiny|small] [--vocab arith|byte] [--seed S]
     prime make-data OUT [--kind arith|code] [--n N] [--seed S]
@@ -25,9 +26,30 @@ def _train(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(to_yaml(cfg), end="")
         return 0
+    from launch.placement import PlanError
     from launch.train import run  # heavy imports (ray) only when training
+    from workers.group import PlacementError
 
-    run(cfg)
+    try:
+        run(cfg)
+    except (PlanError, PlacementError) as e:
+        print(f"prime: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from launch.placement import PlanError
+    from launch.plan import format_plan, make_plan
+    from prime.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+        plan = make_plan(cfg)
+    except (ConfigError, PlanError) as e:
+        print(f"prime plan: {e}", file=sys.stderr)
+        return 2
+    print(format_plan(plan, " ".join([args.config, *args.overrides])), end="")
     return 0
 
 
@@ -102,6 +124,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", help="section.key=value, applied after the preset (e.g. algo.name=grpo)")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     p.set_defaults(func=_train)
+
+    p = sub.add_parser("plan", help="print where every actor goes and each GPU's memory estimate; starts nothing")
+    p.add_argument("config", help="YAML preset, e.g. configs/prime_7b.yaml")
+    p.add_argument("overrides", nargs="*", help="section.key=value, applied after the preset (e.g. cluster.nodes=2)")
+    p.set_defaults(func=_plan)
 
     p = sub.add_parser("sft", help="build the tiny model and give it the supervised warm start RL starts from")
     p.add_argument("config", help="YAML preset, e.g. configs/tiny_cpu.yaml (model and data sections)")
