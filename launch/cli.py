@@ -1,6 +1,7 @@
 """The `prime` command.
 
     prime train CONFIG [section.key=value ...] [--dry-run]
+    prime plan CONFIG [section.key=value ...]
     prime sft CONFIG [section.key=value ...] [--out DIR]
     prime build-tiny-model OUT_DIR [--preset tiny|small] [--vocab arith|byte] [--seed S]
     prime make-data OUT [--kind arith|code] [--n N] [--seed S]
@@ -26,9 +27,30 @@ def _train(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(to_yaml(cfg), end="")
         return 0
+    from launch.placement import PlanError
     from launch.train import run  # heavy imports (ray) only when training
+    from workers.group import PlacementError
 
-    run(cfg)
+    try:
+        run(cfg)
+    except (PlanError, PlacementError) as e:
+        print(f"prime: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from launch.placement import PlanError
+    from launch.plan import format_plan, make_plan
+    from prime.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+        plan = make_plan(cfg)
+    except (ConfigError, PlanError) as e:
+        print(f"prime plan: {e}", file=sys.stderr)
+        return 2
+    print(format_plan(plan, " ".join([args.config, *args.overrides])), end="")
     return 0
 
 
@@ -140,6 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     p = _add_config_command(sub, "train", "run an RL job from a YAML preset plus dotted overrides", _train)
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    _add_config_command(sub, "plan", "print where every actor goes and each GPU's memory estimate; starts nothing",
+                        _plan)
     p = _add_config_command(sub, "sft", "build the tiny model and give it the supervised warm start RL starts from",
                             _sft)
     p.add_argument("--out", default=None, help="output folder (default: <output_dir>/<run_name>/sft_model)")

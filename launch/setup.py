@@ -6,22 +6,35 @@ need through these functions, so a benchmark measures exactly what a run does.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
 import random
 import shutil
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from launch.roles import Roles, build_roles
+from launch.placement import Layout
+from launch.plan import check_plan
+from launch.roles import Roles, build_roles, reserve
 from prime.config import Config, to_yaml
 from prime.data.dataset import PromptDataset, load_prompt_dataset
 from prime.data.sampler import PromptSampler
-from workers.group import init_ray
+from workers.group import (
+    PlacementError,
+    bundle_nodes,
+    check_same_code,
+    cluster_nodes,
+    init_ray,
+    probe_shared_folder,
+    run_on_nodes,
+    stage_code,
+)
 
 log = logging.getLogger("prime")
 
@@ -83,13 +96,19 @@ def build_sft_model(cfg: Config, out_dir: str) -> str:
 
 
 def resolve_model(cfg: Config, run_dir: str) -> str:
-    """The policy checkpoint: the configured path, or a tiny model built locally into the run folder."""
+    """The policy checkpoint: the configured path (absolute when it is a local folder: actors of a
+    cluster job start in the shipped code's folder), or a tiny model built locally into the run folder."""
     if cfg.model.path:
-        return cfg.model.path
+        return local_or_hub(cfg.model.path)
     path = os.path.join(run_dir, f"init_model_{cfg.model.tiny_preset}")
     if os.path.exists(os.path.join(path, "config.json")):
         return path
     return build_sft_model(cfg, path)
+
+
+def local_or_hub(path: str) -> str:
+    """A local path made absolute, or a hub id unchanged."""
+    return os.path.abspath(path) if os.path.exists(path) else path
 
 
 def load_dataset(cfg: Config, tokenizer, run_dir: str) -> PromptDataset:
@@ -128,6 +147,15 @@ def eval_files(cfg: Config, run_dir: str) -> list[str]:
     return [path]
 
 
+def load_eval(cfg: Config, run_dir: str, tokenizer) -> list:
+    """The held-out problems of a run that evaluates (`trainer.eval_every`), else none."""
+    if not cfg.trainer.eval_every:
+        return []
+    from launch.evaluation import load_eval_problems
+
+    return load_eval_problems(cfg, eval_files(cfg, run_dir), tokenizer)
+
+
 def optimizer_steps(cfg: Config, rl_steps: int) -> int:
     """Policy optimizer steps in `rl_steps` RL steps (the LR schedule's horizon); a short last
     mini-batch is a step too."""
@@ -162,10 +190,64 @@ class Job:
             ray.shutdown()
 
 
+def start_ray(cfg: Config, env: dict[str, str]) -> None:
+    """Start or join Ray; on a cluster address ship this checkout (cluster.ship_code) and check that every
+    node imports the same code."""
+    cluster = cfg.cluster.address != "local"
+    staged = stage_code() if cluster and cfg.cluster.ship_code else None
+    try:
+        init_ray(cfg.cluster.address, cfg.cluster.num_cpus, env_vars=env, working_dir=staged)
+    finally:
+        if staged:
+            shutil.rmtree(staged, ignore_errors=True)  # uploaded by ray.init
+    if cluster:
+        check_same_code()
+
+
+def trainer_nodes(layout: Layout, pgs: dict[str, Any]) -> list[str]:
+    """Ray nodes that will hold a policy or PRM rank (they write checkpoint shards)."""
+    nodes: set[str] = set()
+    for role in ("policy", "prm"):
+        for place in layout.actors.get(role, []):
+            nodes.add(bundle_nodes(pgs[place.group])[place.bundles[0]])
+    return sorted(nodes)
+
+
+def check_shared_output(cfg: Config, run_dir: str, node_ids: list[str]) -> None:
+    """Every node holding a training rank sees the run folder the driver sees: DeepSpeed ranks write their
+    checkpoint shards into one folder that the driver then renames, so it must be one shared folder."""
+    driver = {n.node_id for n in cluster_nodes() if n.is_driver}
+    if set(node_ids) <= driver:
+        return
+    token = uuid.uuid4().hex
+    probe = os.path.join(run_dir, f".shared-check-{token}")
+    with open(probe, "w") as f:
+        f.write(token)
+    try:
+        reasons = run_on_nodes(probe_shared_folder, node_ids, probe, token)
+        for node, reason in zip(node_ids, reasons):
+            if not reason and not os.path.exists(f"{probe}-{node}"):
+                reason = "wrote a file the driver cannot see"
+            if reason:
+                ip = {n.node_id: n.ip for n in cluster_nodes()}.get(node, "?")
+                raise PlacementError(
+                    f"trainer.output_dir={cfg.trainer.output_dir!r} is not shared: node {node[:8]} ({ip}) {reason}; "
+                    f"training ranks on every node write their checkpoint shards into {run_dir}, so put "
+                    f"trainer.output_dir on a file system every node mounts at the same path (NFS, a volume claim)")
+    finally:
+        for path in [probe] + [f"{probe}-{n}" for n in node_ids]:
+            if os.path.exists(path):
+                os.remove(path)
+
+
 def start_job(cfg: Config) -> Job:
-    """Run folder, model, prompts, sampler, Ray and the actor groups of a job."""
+    """Plan check, run folder, model, prompts, sampler, Ray and the actor groups of a job.
+
+    The plan (layout and GPU memory, launch/plan.py) is checked before Ray is asked for anything.
+    """
     from prime.models.loading import load_tokenizer
 
+    layout = check_plan(cfg).layout
     env = library_env(cfg)
     os.environ.update({k: v for k, v in env.items() if k != "OMP_NUM_THREADS"})  # the driver's threads stay
     seed_everything(cfg.trainer.seed)
@@ -174,13 +256,24 @@ def start_job(cfg: Config) -> Job:
     tokenizer = load_tokenizer(model_path, trust_remote_code=cfg.model.trust_remote_code)
     dataset = load_dataset(cfg, tokenizer, run_dir)
     sampler = PromptSampler(len(dataset), cfg.trainer.batch_size, seed=cfg.trainer.seed, shuffle=cfg.data.shuffle)
-    eval_problems = []
-    if cfg.trainer.eval_every:
-        from launch.evaluation import load_eval_problems
-
-        eval_problems = load_eval_problems(cfg, eval_files(cfg, run_dir), tokenizer)
-    init_ray(cfg.cluster.address, cfg.cluster.num_cpus, env_vars=env)
-    roles = build_roles(cfg, model_path, cfg.prm.model_path or model_path,
-                        optimizer_steps(cfg, cfg.trainer.total_steps))
+    eval_problems = load_eval(cfg, run_dir, tokenizer)
+    start_ray(cfg, env)
+    pgs = reserve(cfg, layout)
+    try:
+        check_shared_output(cfg, run_dir, trainer_nodes(layout, pgs))
+    except BaseException:
+        _release(pgs)
+        raise
+    roles = build_roles(cfg, model_path, local_or_hub(cfg.prm.model_path) if cfg.prm.model_path else model_path,
+                        optimizer_steps(cfg, cfg.trainer.total_steps), layout, pgs)
+    with open(os.path.join(run_dir, "placement.json"), "w") as f:
+        json.dump(roles.placement_record(), f, indent=1)
     log.info("actors ready (engine start %.1f s)", roles.engine_start_s)
     return Job(cfg, run_dir, model_path, tokenizer, dataset, sampler, roles, eval_problems)
+
+
+def _release(pgs: dict[str, Any]) -> None:
+    from ray.util.placement_group import remove_placement_group
+
+    for pg in pgs.values():
+        remove_placement_group(pg)

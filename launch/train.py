@@ -160,7 +160,7 @@ def restore(job: Job) -> int:
     resume, roles = job.cfg.trainer.resume, job.roles
     if resume == "none":
         return 0
-    path = find_latest(ckpt_root(job)) if resume == "auto" else resume
+    path = find_latest(ckpt_root(job)) if resume == "auto" else os.path.abspath(resume)  # actors may start elsewhere
     if path is None:
         return 0
     state = load_state(path)

@@ -33,6 +33,30 @@ class ConfigError(ValueError):
 
 
 @dataclass
+class ModelShapeConfig:
+    """The model's shape, for `prime plan`'s memory estimate when `model.path` has no readable config.json.
+
+    All zero (the default): read it from `model.path` (a local folder, the local hub cache, or the
+    built-in table of known checkpoints in `prime/models/memory.py`). Set every size to give it by hand.
+    """
+
+    hidden_size: int = 0
+    """Width of the residual stream (HF `hidden_size`)."""
+    num_layers: int = 0
+    """Decoder layers (HF `num_hidden_layers`)."""
+    num_heads: int = 0
+    """Attention heads (HF `num_attention_heads`)."""
+    num_kv_heads: int = 0
+    """Key/value heads of grouped-query attention (HF `num_key_value_heads`)."""
+    intermediate_size: int = 0
+    """Width of the MLP (HF `intermediate_size`)."""
+    vocab_size: int = 0
+    """Rows of the embedding table (HF `vocab_size`)."""
+    tie_word_embeddings: bool = False
+    """The LM head shares the embedding's weights (HF `tie_word_embeddings`)."""
+
+
+@dataclass
 class ModelConfig:
     """The policy checkpoint (the PRM and the reference start from it unless set otherwise)."""
 
@@ -48,7 +72,9 @@ class ModelConfig:
     trust_remote_code: bool = False
     """Let transformers and vLLM run the modelling code a hub checkpoint ships (needed by some models)."""
     gradient_checkpointing: bool = False
-    """Recompute activations in the policy's backward pass: less memory for one more forward."""
+    """Recompute activations in the policy's and the PRM's backward pass: less memory for one more forward."""
+    shape: ModelShapeConfig = field(default_factory=ModelShapeConfig)
+    """Sizes of `path` for the memory plan; zeros mean "read them from the checkpoint"."""
 
 
 @dataclass
@@ -145,6 +171,10 @@ class PRMConfig:
     """Responses per PRM optimizer step; 0 means a quarter of the batch (4 steps per RL step)."""
     zero_stage: int = 2
     """DeepSpeed ZeRO stage of the PRM."""
+    offload_optimizer: bool = False
+    """Keep the PRM's optimizer states and gradient partitions on the host (GPU runs; ZeRO stage >= 1)."""
+    offload_params: bool = False
+    """Keep the PRM's parameter partitions on the host between uses (GPU runs; needs ZeRO stage 3)."""
     max_tokens_per_micro_batch: int = 16384
     """Budget on rows x longest row of one PRM forward/backward."""
 
@@ -216,7 +246,9 @@ class ActorConfig:
     zero_stage: int = 2
     """DeepSpeed ZeRO stage of the policy."""
     offload_optimizer: bool = False
-    """Keep the policy's optimizer states on the host (GPU runs)."""
+    """Keep the policy's optimizer states and gradient partitions on the host (GPU runs; ZeRO stage >= 1)."""
+    offload_params: bool = False
+    """Keep the policy's parameter partitions on the host between uses (GPU runs; needs ZeRO stage 3)."""
     clip_low: float = 0.2
     """PPO clip range below 1 (ratio >= 1 - clip_low)."""
     clip_high: float = 0.2
@@ -315,6 +347,17 @@ class ClusterConfig:
     (gloo on CPU, NCCL on GPU) from policy rank 0 to every engine."""
     weight_sync_bucket_mb: int = 256
     """Bucket size of the broadcast weight sync, MiB."""
+    nodes: int = 1
+    """Nodes the job's GPU actors are spread over (data-parallel ranks and engines are balanced across them)."""
+    gpus_per_node: int = 8
+    """GPUs of each node (with trainer.device=cpu: device slots, each a bundle of CPUs, placed the same way)."""
+    gpu_memory_gib: float = 80.0
+    """Memory of one GPU, GiB; `prime plan` and `prime train` refuse a job whose estimate exceeds it."""
+    placement_timeout_s: float = 300.0
+    """Seconds to wait for Ray to reserve a placement group before the run ends with what was missing."""
+    ship_code: bool = True
+    """On a cluster address, send this checkout's prime/, workers/ and launch/ to every node through Ray's
+    runtime_env (py_modules); false: every node must already run the same code (checked at start)."""
 
 
 @dataclass
@@ -533,6 +576,8 @@ def validate(cfg: Config) -> None:
         "trainer.keep_last": cfg.trainer.keep_last,
         "rollout.cpu_kv_cache_gib": cfg.rollout.cpu_kv_cache_gib,
         "cluster.weight_sync_bucket_mb": cfg.cluster.weight_sync_bucket_mb,
+        "cluster.nodes": cfg.cluster.nodes,
+        "cluster.gpus_per_node": cfg.cluster.gpus_per_node,
     }
     for key, v in positive_ints.items():
         need(v >= 1, f"{key} must be >= 1, got {v}")
@@ -555,6 +600,9 @@ def validate(cfg: Config) -> None:
         need(v >= 0, f"{key} must be >= 0, got {v}")
     for key, v in {"actor.lr": cfg.actor.lr, "prm.lr": cfg.prm.lr}.items():
         need(v > 0, f"{key} must be > 0, got {v}")
+    for key, v in {"cluster.gpu_memory_gib": cfg.cluster.gpu_memory_gib,
+                   "cluster.placement_timeout_s": cfg.cluster.placement_timeout_s}.items():
+        need(v > 0, f"{key} must be > 0, got {v}")
     need(cfg.rollout.temperature > 0, f"rollout.temperature must be > 0, got {cfg.rollout.temperature}")
     need(0 < cfg.rollout.top_p <= 1, f"rollout.top_p must be in (0, 1], got {cfg.rollout.top_p}")
     need(
@@ -564,6 +612,14 @@ def validate(cfg: Config) -> None:
     for key in ("actor.zero_stage", "prm.zero_stage"):
         stage = cfg.actor.zero_stage if key.startswith("actor") else cfg.prm.zero_stage
         need(stage in (0, 1, 2, 3), f"{key} must be 0, 1, 2 or 3, got {stage}")
+
+    _validate_offload_and_shape(cfg)
+    if cfg.rollout.tensor_parallel_size > 1:
+        need(
+            cfg.rollout.engine == "vllm" and cfg.trainer.device == "cuda",
+            f"rollout.tensor_parallel_size={cfg.rollout.tensor_parallel_size} splits a vLLM engine over GPUs, so it "
+            f"needs rollout.engine=vllm and trainer.device=cuda (got {cfg.rollout.engine}, {cfg.trainer.device})",
+        )
 
     # Group-relative estimators need at least two responses per prompt.
     if cfg.algo.name in _GROUP_SIZE_ALGOS:
@@ -638,3 +694,29 @@ def _validate_eval(cfg: Config, need) -> None:
         need(bool(cfg.data.eval_files) or cfg.data.synthetic_eval_size > 0,
              f"trainer.eval_every={cfg.trainer.eval_every} needs held-out data: set data.eval_files "
              "(or a synthetic task's data.synthetic_eval_size)")
+
+
+def _validate_offload_and_shape(cfg: Config) -> None:
+    """Offload flags need the ZeRO stage that partitions what they move; a model shape is all or nothing."""
+    for section, name in ((cfg.actor, "actor"), (cfg.prm, "prm")):
+        if section.offload_params and section.zero_stage != 3:
+            raise ConfigError(f"{name}.offload_params=true needs {name}.zero_stage=3 (DeepSpeed offloads only "
+                              f"partitioned parameters), got {name}.zero_stage={section.zero_stage}")
+        if section.offload_optimizer and section.zero_stage == 0:
+            raise ConfigError(f"{name}.offload_optimizer=true needs {name}.zero_stage >= 1, got 0")
+    shape = cfg.model.shape
+    sizes = {f.name: getattr(shape, f.name) for f in dataclasses.fields(shape) if f.name != "tie_word_embeddings"}
+    given = [k for k, v in sizes.items() if v]
+    if given and len(given) != len(sizes):
+        missing = [k for k in sizes if k not in given]
+        raise ConfigError(f"model.shape gives {', '.join(given)} but not {', '.join(missing)}: set every size, "
+                          f"or none to read them from model.path")
+    bad = [f"{k}={v}" for k, v in sizes.items() if v < 0]
+    if bad:
+        raise ConfigError(f"model.shape sizes must be >= 0, got {', '.join(bad)}")
+    if given and shape.hidden_size % shape.num_heads:
+        raise ConfigError(f"model.shape.hidden_size={shape.hidden_size} is not a multiple of "
+                          f"model.shape.num_heads={shape.num_heads}")
+    if given and shape.num_heads % shape.num_kv_heads:
+        raise ConfigError(f"model.shape.num_heads={shape.num_heads} is not a multiple of "
+                          f"model.shape.num_kv_heads={shape.num_kv_heads}")

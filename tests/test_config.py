@@ -65,6 +65,13 @@ BAD = [
     (["rollout=3"], ["rollout: expected a mapping"]),
     (["data.train_files=[]", "data.synthetic=none"], ["data.train_files is empty"]),
     (["trainer.batch_size=3", "cluster.policy_world_size=2"], ["trainer.batch_size (3)", "cluster.policy_world_size (2)"]),
+    (["actor.offload_params=true"], ["actor.offload_params=true needs actor.zero_stage=3", "actor.zero_stage=2"]),
+    (["prm.offload_optimizer=true", "prm.zero_stage=0"], ["prm.offload_optimizer=true needs prm.zero_stage >= 1"]),
+    (["rollout.tensor_parallel_size=2"], ["rollout.tensor_parallel_size=2", "trainer.device=cuda", "(got vllm, cpu)"]),
+    (["model.shape.hidden_size=64"], ["model.shape gives hidden_size but not num_layers"]),
+    (["cluster.gpu_memory_gib=0"], ["cluster.gpu_memory_gib must be > 0, got 0"]),
+    (["cluster.nodes=0"], ["cluster.nodes must be >= 1, got 0"]),
+    (["cluster.nodez=2"], ["did you mean 'cluster.nodes'"]),
 ]
 
 

@@ -137,6 +137,7 @@ class EngineSettings:
     grad_clip: global gradient-norm clip (<= 0 disables it).
     zero_stage: DeepSpeed ZeRO stage (0-3).
     offload_optimizer: optimizer states on the host (GPU only; on a CPU machine they are there already).
+    offload_params: ZeRO-3 parameter partitions on the host between uses (GPU only, stage 3).
     bf16: bf16 weights and compute (fp32 master weights inside DeepSpeed).
     lr_warmup_steps, lr_schedule, total_steps, min_lr_ratio: the schedule of `lr_factor`.
     gradient_checkpointing: recompute activations in backward (less memory, one more forward).
@@ -149,6 +150,7 @@ class EngineSettings:
     grad_clip: float = 1.0
     zero_stage: int = 2
     offload_optimizer: bool = False
+    offload_params: bool = False
     bf16: bool = False
     lr_warmup_steps: int = 0
     lr_schedule: str = "constant"
@@ -188,6 +190,8 @@ def build_engine(model: torch.nn.Module, settings: EngineSettings):
     zero: dict = {"stage": s.zero_stage}
     if offload and s.zero_stage > 0:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    if s.offload_params and on_gpu and s.zero_stage == 3:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": True}
     config = {
         "train_micro_batch_size_per_gpu": 1,
         "gradient_accumulation_steps": 1,

@@ -86,7 +86,8 @@ def test_slurm_script_starts_head_workers_then_the_driver(stubs):
     for worker in ("n2", "n3"):
         assert any(c.startswith(f"srun {worker}:") and c.endswith("ray_worker.sh") for c in calls)
     assert sum(c.startswith("ray start --address=10.0.0.1:6379") for c in calls) == 2
-    assert calls[-1] == "prime train configs/x.yaml algo.name=grpo rollout.n=8 RAY_ADDRESS=10.0.0.1:6379"
+    assert calls[-1] == ("prime train configs/x.yaml cluster.nodes=3 algo.name=grpo rollout.n=8 "
+                         "RAY_ADDRESS=10.0.0.1:6379")
 
 
 def test_slurm_script_has_resource_lines():
@@ -100,6 +101,8 @@ def test_kuberay_manifest_parses_with_head_and_gpu_workers():
     assert doc["apiVersion"] == "ray.io/v1" and doc["kind"] == "RayJob"
     spec = doc["spec"]
     assert "prime train configs/prime_7b.yaml" in spec["entrypoint"]
+    # Two GPU worker pods: the job spreads over both and checkpoints to the volume every pod mounts.
+    assert "cluster.nodes=2" in spec["entrypoint"] and "trainer.output_dir=/checkpoints" in spec["entrypoint"]
     cluster = spec["rayClusterSpec"]
     head = cluster["headGroupSpec"]["template"]["spec"]["containers"][0]
     assert {p["containerPort"] for p in head["ports"]} == {6379, 8265, 10001}
