@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import ray
+from ray.util.placement_group import remove_placement_group
 
 from prime.algo import policy_loss_kind, uses_process_rewards
 from prime.config import Config
@@ -36,18 +37,29 @@ class Roles:
     engine_start_s: float
     weight_sync: WeightSync
 
-    def shutdown(self) -> None:
+    def groups(self) -> dict[str, ActorGroup]:
+        """The role groups that exist in this job, by role name."""
+        named = {"rollout": self.rollout, "verifier": self.verifier, "policy": self.policy, "prm": self.prm,
+                 "reference": self.reference}
+        return {name: g for name, g in named.items() if g is not None}
+
+    def shutdown(self, timeout_s: float = 60.0) -> None:
+        """Stop every role: each actor's own clean-up (engines, grading pools) for up to `timeout_s`
+        per group (a rank hung beside a dead peer does not answer), then kill the actors."""
         try:
             self.weight_sync.close()
         except Exception:  # a transport whose peers are already gone needs no clean close
             pass
-        groups = [g for g in (self.rollout, self.verifier, self.policy, self.prm, self.reference) if g is not None]
-        for group in groups:
+        for group in self.groups().values():
             try:  # let each role stop its own subprocesses (engines, grading pools) before it is killed
-                ray.get([a.shutdown.remote() for a in group.actors], timeout=60)
+                ray.get([a.shutdown.remote() for a in group.actors], timeout=timeout_s)
             except Exception:  # an actor that already died needs no clean stop
                 pass
             group.shutdown()
+        # The colocated placement group is shared, so no group removed it; a rebuilt job needs its GPUs.
+        shared = {g.pg.id: g.pg for g in self.groups().values() if not g._owns_pg}
+        for pg in shared.values():
+            remove_placement_group(pg)
 
 
 def uses_prm(cfg: Config) -> bool:
@@ -131,10 +143,12 @@ def build_roles(cfg: Config, model_path: str, prm_path: str, total_optimizer_ste
     rollout = ActorGroup(
         RolloutWorker, cfg.rollout.num_engines, name="rollout", num_cpus=cpus, num_gpus=place.rollout_gpu,
         shared_pg=place.shared_pg if cfg.rollout.num_engines <= world else None,
+        max_restarts=cfg.trainer.actor_max_restarts,
         kwargs=dict(engine=cfg.rollout.engine, model_path=model_path, engine_kwargs=rollout_engine_args(cfg)),
     )
     verifier = ActorGroup(
         VerifierWorker, cfg.verifier.num_actors, name="verifier", num_cpus=cpus,
+        max_restarts=cfg.trainer.actor_max_restarts,
         kwargs=dict(num_workers=cfg.verifier.workers_per_actor, timeout_s=cfg.verifier.timeout_s,
                     code_case_timeout_s=cfg.verifier.code_test_timeout_s),
     )

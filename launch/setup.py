@@ -11,17 +11,22 @@ import math
 import os
 import random
 import shutil
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
+from launch.faults import Recovery
+from launch.preflight import CheckedInputs, check_inputs
 from launch.roles import Roles, build_roles
-from prime.config import Config, to_yaml
-from prime.data.dataset import PromptDataset, load_prompt_dataset
+from prime.config import Config, UserError, to_yaml
+from prime.data.dataset import DataError, PromptDataset, build_prompt_dataset
 from prime.data.sampler import PromptSampler
+from workers import failpoints
 from workers.group import init_ray
+from workers.weight_sync import make_weight_sync
 
 log = logging.getLogger("prime")
 
@@ -44,7 +49,7 @@ def library_env(cfg: Config) -> dict[str, str]:
     }
     if cfg.trainer.device == "cpu" and cfg.cluster.address == "local":
         env["OMP_NUM_THREADS"] = str(os.cpu_count() or 1)
-    return env
+    return env | failpoints.env_of_job()
 
 
 def seed_everything(seed: int) -> None:
@@ -55,7 +60,7 @@ def seed_everything(seed: int) -> None:
 
 def prepare_run_dir(cfg: Config) -> str:
     """The run folder, with the resolved config written into it."""
-    run_dir = os.path.abspath(os.path.join(cfg.trainer.output_dir, cfg.trainer.run_name))
+    run_dir = run_dir_of(cfg)
     os.makedirs(run_dir, exist_ok=True)
     with open(os.path.join(run_dir, "config.yaml"), "w") as f:
         f.write(to_yaml(cfg))
@@ -92,22 +97,23 @@ def resolve_model(cfg: Config, run_dir: str) -> str:
     return build_sft_model(cfg, path)
 
 
-def load_dataset(cfg: Config, tokenizer, run_dir: str) -> PromptDataset:
-    """The training prompts: `data.train_files`, or the synthetic task written into the run folder."""
-    files = list(cfg.data.train_files)
-    if not files:
+def load_dataset(cfg: Config, tokenizer, run_dir: str, rows: list[dict] | None = None) -> PromptDataset:
+    """The training prompts: `rows` (the checked rows of `data.train_files`), or the synthetic task
+    written into the run folder."""
+    if rows is None:
+        from launch.preflight import check_data
         from prime.data.synthetic import make_arithmetic_dataset, make_code_dataset
 
         path = os.path.join(run_dir, f"synthetic_{cfg.data.synthetic}.parquet")
         if not os.path.exists(path):
             make = make_arithmetic_dataset if cfg.data.synthetic == "arith" else make_code_dataset
             make(path, n=cfg.data.synthetic_size, seed=cfg.trainer.seed)
-        files = [path]
-    ds = load_prompt_dataset(files, tokenizer, max_prompt_len=cfg.data.max_prompt_len,
-                             system_prompt=cfg.data.system_prompt)
+        rows = [row for _, part in check_data("data.synthetic", path) for row in part]
+    ds = build_prompt_dataset(rows, tokenizer, max_prompt_len=cfg.data.max_prompt_len,
+                              system_prompt=cfg.data.system_prompt)
     if len(ds) == 0:
-        raise ValueError(f"no prompt is left after dropping {ds.num_dropped_too_long} longer than "
-                         f"data.max_prompt_len={cfg.data.max_prompt_len}")
+        raise DataError(f"no prompt is left after dropping {ds.num_dropped_too_long} longer than "
+                        f"data.max_prompt_len={cfg.data.max_prompt_len} tokens; raise data.max_prompt_len")
     lengths = ds.prompt_lengths
     log.info("dataset: %d prompts of %d-%d tokens (%d dropped as longer than data.max_prompt_len=%d)",
              len(ds), min(lengths), max(lengths), ds.num_dropped_too_long, cfg.data.max_prompt_len)
@@ -149,30 +155,103 @@ class Job:
     roles: Roles
     eval_problems: list
     """Held-out problems (`prime.eval.runner.EvalProblem`) evaluated every `trainer.eval_every` steps."""
+    recovery: Recovery = field(default_factory=lambda: Recovery(0))
+    """Re-sends the share of a verifier or rollout actor that died (`launch/faults.py`)."""
+    checkpoint: str | None = None
+    """The newest checkpoint of this run (restored or saved by this driver): where a restart resumes."""
 
     @property
     def pad_id(self) -> int:
         return self.tokenizer.pad_token_id
 
-    def shutdown(self) -> None:
+    def shutdown(self, timeout_s: float = 60.0) -> None:
         import ray
 
-        self.roles.shutdown()
+        self.roles.shutdown(timeout_s)
         if self.cfg.cluster.address == "local":
             ray.shutdown()
 
+    def resync_engines(self) -> None:
+        """Give every engine the policy's current weights over a new weight-sync transport: a
+        restarted engine starts from the initial weights and is not a member of the old one."""
+        c = self.cfg.cluster
+        try:
+            self.roles.weight_sync.close()
+        except Exception:  # a transport with a dead member needs no clean close
+            pass
+        self.roles.weight_sync = make_weight_sync(c.weight_sync, self.roles.policy, self.roles.rollout,
+                                                  c.weight_sync_bucket_mb)
+        self.roles.weight_sync.sync()
 
-def start_job(cfg: Config) -> Job:
-    """Run folder, model, prompts, sampler, Ray and the actor groups of a job."""
-    from prime.models.loading import load_tokenizer
+    def rebuild_roles(self) -> None:
+        """Tear every actor group down and build them again (after a lost rank or node); the new
+        policy and PRM hold the initial weights until a checkpoint is loaded."""
+        cfg = self.cfg
+        self.roles.shutdown(timeout_s=10.0)
+        self.roles = build_roles(cfg, self.model_path, cfg.prm.model_path or self.model_path,
+                                 optimizer_steps(cfg, cfg.trainer.total_steps))
 
+    def reset_driver_state(self) -> None:
+        """The driver's RNG and prompt order as at the start of a run (step 0)."""
+        seed_everything(self.cfg.trainer.seed)
+        self.sampler = PromptSampler(len(self.dataset), self.cfg.trainer.batch_size, seed=self.cfg.trainer.seed,
+                                     shuffle=self.cfg.data.shuffle)
+
+
+def run_dir_of(cfg: Config) -> str:
+    return os.path.abspath(os.path.join(cfg.trainer.output_dir, cfg.trainer.run_name))
+
+
+def start_job(cfg: Config, after_ray: Callable[[], None] | None = None) -> Job:
+    """Checks of the inputs (nothing is written before they pass), then run folder, model,
+    prompts, sampler, Ray and the actor groups of a job. `after_ray` runs once Ray is up (Ray
+    puts in signal handlers of its own). A bad input found later (e.g. every prompt too long)
+    removes the run folder this call made."""
+    checked = check_inputs(cfg)
     env = library_env(cfg)
     os.environ.update({k: v for k, v in env.items() if k != "OMP_NUM_THREADS"})  # the driver's threads stay
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # read from the environment only when transformers was first imported
     seed_everything(cfg.trainer.seed)
+    created = _first_missing(run_dir_of(cfg))
+    try:
+        return _build_job(cfg, checked, env, after_ray)
+    except BaseException as e:
+        import ray
+
+        if cfg.cluster.address == "local" and ray.is_initialized():
+            ray.shutdown()
+        if created and isinstance(e, UserError):
+            shutil.rmtree(created, ignore_errors=True)
+        raise
+
+
+def _first_missing(path: str) -> str | None:
+    """The outermost folder of `path` that does not exist yet (what creating it would add)."""
+    missing = None
+    while not os.path.exists(path):
+        missing, path = path, os.path.dirname(path)
+    return missing
+
+
+def _load_tokenizer(cfg: Config, model_path: str):
+    from prime.models.loading import load_tokenizer
+
+    try:
+        return load_tokenizer(model_path, trust_remote_code=cfg.model.trust_remote_code)
+    except (OSError, ValueError) as e:
+        if not cfg.model.path:  # the locally built model: not the user's input
+            raise
+        raise UserError(f"model.path={cfg.model.path!r}: its tokenizer cannot be loaded "
+                        f"({str(e).strip().splitlines()[0]})") from e
+
+
+def _build_job(cfg: Config, checked: CheckedInputs, env: dict[str, str], after_ray) -> Job:
     run_dir = prepare_run_dir(cfg)
     model_path = resolve_model(cfg, run_dir)
-    tokenizer = load_tokenizer(model_path, trust_remote_code=cfg.model.trust_remote_code)
-    dataset = load_dataset(cfg, tokenizer, run_dir)
+    tokenizer = _load_tokenizer(cfg, model_path)
+    dataset = load_dataset(cfg, tokenizer, run_dir, checked.rows if cfg.data.train_files else None)
     sampler = PromptSampler(len(dataset), cfg.trainer.batch_size, seed=cfg.trainer.seed, shuffle=cfg.data.shuffle)
     eval_problems = []
     if cfg.trainer.eval_every:
@@ -180,7 +259,11 @@ def start_job(cfg: Config) -> Job:
 
         eval_problems = load_eval_problems(cfg, eval_files(cfg, run_dir), tokenizer)
     init_ray(cfg.cluster.address, cfg.cluster.num_cpus, env_vars=env)
+    if after_ray is not None:
+        after_ray()
     roles = build_roles(cfg, model_path, cfg.prm.model_path or model_path,
                         optimizer_steps(cfg, cfg.trainer.total_steps))
     log.info("actors ready (engine start %.1f s)", roles.engine_start_s)
-    return Job(cfg, run_dir, model_path, tokenizer, dataset, sampler, roles, eval_problems)
+    job = Job(cfg, run_dir, model_path, tokenizer, dataset, sampler, roles, eval_problems)
+    job.recovery = Recovery(cfg.trainer.actor_max_restarts, resync={"rollout": job.resync_engines})
+    return job

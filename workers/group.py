@@ -46,6 +46,7 @@ def init_ray(address: str = "local", num_cpus: int = 0, env_vars: dict[str, str]
         # starves the actors (seen: PRM update 8-10 s -> 17-30 s). The driver waits on them anyway.
         os.environ.setdefault("RAY_worker_niceness", "0")
         ray.init(
+            address="local",  # a new instance even when another one on this machine is recorded as current
             num_cpus=num_cpus or os.cpu_count(),
             include_dashboard=False,
             _node_ip_address="127.0.0.1",
@@ -107,7 +108,10 @@ class ActorGroup:
         shared_pg: PlacementGroup | None = None,
         args: Sequence[Any] = (),
         kwargs: dict[str, Any] | None = None,
+        max_restarts: int = 0,
     ) -> None:
+        """`max_restarts`: times Ray restarts an actor of the group that dies (its constructor runs
+        again with the same arguments); calls in flight when it died fail and are not retried by Ray."""
         if world_size < 1:
             raise ValueError(f"{name}: world_size must be >= 1, got {world_size}")
         self.name, self.world_size = name, world_size
@@ -124,6 +128,7 @@ class ActorGroup:
                 num_cpus=num_cpus,
                 num_gpus=num_gpus,
                 name=None,
+                max_restarts=max_restarts,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i),
             ).remote(*args, **(kwargs or {}))
             for i in range(world_size)
