@@ -19,6 +19,7 @@ import time
 import ray
 import torch
 
+from launch.faults import Recovery
 from launch.stages import generate, verify
 from prime.config import Config
 from prime.data.batch import pack_sequences
@@ -34,14 +35,14 @@ log = logging.getLogger("prime")
 class EngineGroup:
     """`RolloutEngine.generate` over the rollout actors; engine i samples with `seed + i`."""
 
-    def __init__(self, rollout: ActorGroup):
-        self.rollout = rollout
+    def __init__(self, rollout: ActorGroup, recovery: Recovery | None = None):
+        self.rollout, self.recovery = rollout, recovery
 
     def generate(self, prompt_ids: list[list[int]], n: int, max_new_tokens: int, temperature: float = 1.0,
                  top_p: float = 1.0, seed: int | None = None) -> list[list[Completion]]:
         completions, _ = generate(self.rollout, prompt_ids, n=n, max_new_tokens=max_new_tokens,
                                   temperature=temperature, top_p=top_p,
-                                  seed_of_engine=lambda i: None if seed is None else seed + i)
+                                  seed_of_engine=lambda i: None if seed is None else seed + i, recovery=self.recovery)
         return completions
 
 
@@ -99,14 +100,16 @@ def flatten_metrics(metrics: dict[str, dict[str, float | None]]) -> dict[str, fl
     return out
 
 
-def run_eval(cfg: Config, problems: list[EvalProblem], roles, tokenizer) -> dict[str, float]:
-    """Evaluate the current policy (as the engines hold it) on the held-out problems."""
+def run_eval(cfg: Config, problems: list[EvalProblem], roles, tokenizer,
+             recovery: Recovery | None = None) -> dict[str, float]:
+    """Evaluate the current policy (as the engines hold it) on the held-out problems; `recovery`
+    re-sends the share of an engine or verifier actor that died."""
     t0 = time.perf_counter()
     prm = None
     if roles.prm is not None:
         prm = RemotePRMScorer(roles.prm, roles.policy if cfg.prm.ref == "policy" else None, tokenizer, cfg.prm.beta)
-    result = evaluate(problems, EngineGroup(roles.rollout), lambda items: verify(roles.verifier, items)[0],
-                      eval_settings(cfg), prm=prm)
+    grade = lambda items: verify(roles.verifier, items, recovery)[0]  # noqa: E731
+    result = evaluate(problems, EngineGroup(roles.rollout, recovery), grade, eval_settings(cfg), prm=prm)
     out = flatten_metrics(result.metrics)
     out["timing/eval"] = time.perf_counter() - t0
     return out

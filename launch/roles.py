@@ -51,15 +51,22 @@ class Roles:
                        for r, (node, slot) in enumerate(zip(g.node_ids(), g.slots))]
                 for name, g in self.groups().items()}
 
-    def shutdown(self) -> None:
+    def groups(self) -> dict[str, ActorGroup]:
+        """The role groups that exist in this job, by role name."""
+        named = {"rollout": self.rollout, "verifier": self.verifier, "policy": self.policy, "prm": self.prm,
+                 "reference": self.reference}
+        return {name: g for name, g in named.items() if g is not None}
+
+    def shutdown(self, timeout_s: float = 60.0) -> None:
+        """Stop every role: each actor's own clean-up (engines, grading pools) for up to `timeout_s`
+        per group (a rank hung beside a dead peer does not answer), then kill the actors."""
         try:
             self.weight_sync.close()
         except Exception:  # a transport whose peers are already gone needs no clean close
             pass
-        groups = [g for g in (self.rollout, self.verifier, self.policy, self.prm, self.reference) if g is not None]
-        for group in groups:
+        for group in self.groups().values():
             try:  # let each role stop its own subprocesses (engines, grading pools) before it is killed
-                ray.get([a.shutdown.remote() for a in group.actors], timeout=60)
+                ray.get([a.shutdown.remote() for a in group.actors], timeout=timeout_s)
             except Exception:  # an actor that already died needs no clean stop
                 pass
             group.shutdown()
@@ -141,9 +148,10 @@ def _group(cls: type, role: str, layout: Layout, pgs: dict[str, Any], **kwargs) 
 def build_roles(cfg: Config, model_path: str, prm_path: str, total_optimizer_steps: int, layout: Layout,
                 pgs: dict[str, Any]) -> Roles:
     """The actor groups in the placement groups `reserve` made (Roles.shutdown releases them)."""
-    rollout = _group(RolloutWorker, "rollout", layout, pgs, kwargs=dict(
+    restarts = cfg.trainer.actor_max_restarts  # Ray restarts a dead engine or verifier; its work is sent again
+    rollout = _group(RolloutWorker, "rollout", layout, pgs, max_restarts=restarts, kwargs=dict(
         engine=cfg.rollout.engine, model_path=model_path, engine_kwargs=rollout_engine_args(cfg)))
-    verifier = _group(VerifierWorker, "verifier", layout, pgs, kwargs=dict(
+    verifier = _group(VerifierWorker, "verifier", layout, pgs, max_restarts=restarts, kwargs=dict(
         num_workers=cfg.verifier.workers_per_actor, timeout_s=cfg.verifier.timeout_s,
         code_case_timeout_s=cfg.verifier.code_test_timeout_s))
     policy = _group(PolicyWorker, "policy", layout, pgs)

@@ -205,6 +205,9 @@ def run_arms(sweep: Sweep, log=print) -> dict[str, dict]:
 def _finished(sweep: Sweep, name: str, rc: int, seconds: float, before: dict) -> dict:
     log_path = os.path.join(sweep.output_dir, "logs", f"{name}.log")
     total = before.get("seconds", 0.0) + seconds  # wall time over every attempt of the arm
+    if rc == 0 and not os.path.exists(os.path.join(sweep.output_dir, "arms", name, "final_policy")):
+        # Stopped by SIGTERM with a checkpoint: not done; the next `prime sweep` resumes it.
+        return {"status": "preempted", "rc": 0, "seconds": total, "log": log_path}
     if rc == 0:
         with open(os.path.join(sweep.output_dir, "arms", name, DONE_MARKER), "w") as f:
             f.write(f"{total:.1f}\n")

@@ -23,7 +23,12 @@ from typing import Any, Literal
 import yaml
 
 
-class ConfigError(ValueError):
+class UserError(ValueError):
+    """Bad input from the person running a command (config, data, paths, disk space): the command
+    prints the one-line message and exits 2, with no traceback unless `--debug` is given."""
+
+
+class ConfigError(UserError):
     """A configuration value or key is invalid; the message says which and what would be valid."""
 
 
@@ -310,6 +315,17 @@ class TrainerConfig:
     """Seed of everything random in the run: prompt order, sampling, model building."""
     device: Literal["cpu", "cuda"] = "cpu"
     """Where the trainers and engines compute."""
+    actor_max_restarts: int = 3
+    """Times Ray restarts each verifier and rollout actor that dies; the dead actor's share of the
+    step is retried on the restarted actor (counted in `faults/*`). 0: a dead actor restarts the job."""
+    max_restarts: int = 2
+    """In-process restarts of the job from its last checkpoint after a training rank, a node, or an
+    actor past its own restarts is lost (the actor groups are torn down and rebuilt); 0: the run
+    ends at the first such loss."""
+    preempt_grace_s: float = 300.0
+    """After SIGTERM (preemption): seconds within which the driver finishes the current step (or
+    abandons it, if its update has not begun), writes a checkpoint and exits 0. Keep it below the
+    scheduler's own grace (SLURM `--signal`, Kubernetes `terminationGracePeriodSeconds`)."""
 
 
 @dataclass
@@ -512,7 +528,10 @@ def load_yaml(path: str) -> dict:
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"config file {path} is not valid YAML{where}: {problem}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -594,6 +613,8 @@ def validate(cfg: Config) -> None:
         "prm.mini_batch_size": cfg.prm.mini_batch_size,
         "actor.lr_warmup_steps": cfg.actor.lr_warmup_steps,
         "cluster.num_cpus": cfg.cluster.num_cpus,
+        "trainer.actor_max_restarts": cfg.trainer.actor_max_restarts,
+        "trainer.max_restarts": cfg.trainer.max_restarts,
         "data.synthetic_size": cfg.data.synthetic_size,
         "data.synthetic_eval_size": cfg.data.synthetic_eval_size,
     }.items():
@@ -675,6 +696,7 @@ def validate(cfg: Config) -> None:
             cfg.data.synthetic != "none",
             "data.train_files is empty and data.synthetic=none: give training files or a synthetic task (arith, code)",
         )
+    need(cfg.trainer.preempt_grace_s > 0, f"trainer.preempt_grace_s must be > 0, got {cfg.trainer.preempt_grace_s}")
     need(cfg.trainer.resume != "", "trainer.resume must be auto, none or a checkpoint path, got ''")
     _validate_eval(cfg, need)
 

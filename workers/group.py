@@ -96,6 +96,7 @@ def init_ray(address: str = "local", num_cpus: int = 0, env_vars: dict[str, str]
         # starves the actors (seen: PRM update 8-10 s -> 17-30 s). The driver waits on them anyway.
         os.environ.setdefault("RAY_worker_niceness", "0")
         ray.init(
+            address="local",  # a new instance even when another one on this machine is recorded as current
             num_cpus=num_cpus or os.cpu_count(),
             include_dashboard=False,
             _node_ip_address="127.0.0.1",
@@ -260,7 +261,10 @@ class ActorGroup:
         args: Sequence[Any] = (),
         kwargs: dict[str, Any] | None = None,
         timeout_s: float = DEFAULT_TIMEOUT_S,
+        max_restarts: int = 0,
     ) -> None:
+        """`max_restarts`: times Ray restarts an actor of the group that dies (its constructor runs
+        again with the same arguments); calls in flight when it died fail and are not retried by Ray."""
         world_size = len(slots) or world_size
         if world_size < 1:
             raise ValueError(f"{name}: world_size must be >= 1, got {world_size}")
@@ -270,7 +274,7 @@ class ActorGroup:
             bundle = {"CPU": num_cpus} | ({"GPU": num_gpus} if num_gpus else {})
             pg = create_placement_group(f"prime-{name}", [bundle] * world_size, timeout_s=timeout_s)
             slots = [Slot(i, num_cpus, num_gpus) for i in range(world_size)]
-        self.pg, self.slots = pg, list(slots)
+        self.pg, self.slots, self.max_restarts = pg, list(slots), max_restarts
         remote_cls = ray.remote(cls)
         self.actors = [self._start(remote_cls, slot, args, kwargs or {}) for slot in self.slots]
         if issubclass(cls, RankedWorker):
@@ -279,7 +283,7 @@ class ActorGroup:
 
     def _start(self, remote_cls, slot: Slot, args: Sequence[Any], kwargs: dict[str, Any]):
         options: dict[str, Any] = dict(
-            num_cpus=slot.num_cpus, num_gpus=slot.num_gpus,
+            num_cpus=slot.num_cpus, num_gpus=slot.num_gpus, max_restarts=self.max_restarts,
             scheduling_strategy=PlacementGroupSchedulingStrategy(
                 self.pg, placement_group_bundle_index=slot.bundle,
                 placement_group_capture_child_tasks=slot.capture_child_tasks))

@@ -15,6 +15,7 @@ import torch
 
 from prime.data.batch import Batch
 from prime.train.trainer import Trainer
+from workers import failpoints
 from workers.group import RankedWorker
 
 T = TypeVar("T")
@@ -45,6 +46,7 @@ class TrainingWorker(RankedWorker):
 
     def update(self, batch: Batch) -> tuple[tuple[dict[str, float], torch.Tensor], float]:
         """One update on this rank's shard: (metrics, the update's own log-probs [B, T]) and the seconds spent."""
+        failpoints.reach(f"{type(self).__name__.removesuffix('Worker').lower()}.update")
         return timed(lambda: self.trainer.update(batch))
 
     def save_checkpoint(self, path: str) -> None:

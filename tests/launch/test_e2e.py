@@ -24,14 +24,20 @@ COMMON_KEYS = {
 }
 
 
+PRESET = str(REPO / "configs" / "tiny_cpu.yaml")
+TINY = ("trainer.batch_size=2", "rollout.max_response_len=16", "logging.wandb_mode=offline", "logging.progress_bar=false",
+        "cluster.num_cpus=6", "data.synthetic_size=64", "filter.max_rounds=2", "model.warm_start_steps=0")
+
+
 def make_cfg(tmp_path, *overrides):
     from prime.config import build_config, load_yaml
 
-    return build_config(load_yaml(str(REPO / "configs" / "tiny_cpu.yaml")), [
-        f"trainer.output_dir={tmp_path}", "trainer.batch_size=2", "rollout.max_response_len=16",
-        "logging.wandb_mode=offline", "logging.progress_bar=false", "cluster.num_cpus=6",
-        "data.synthetic_size=64", "filter.max_rounds=2", "model.warm_start_steps=0", *overrides,
-    ])
+    return build_config(load_yaml(PRESET), [f"trainer.output_dir={tmp_path}", *TINY, *overrides])
+
+
+def train_argv(tmp_path, *overrides) -> list[str]:
+    """The arguments of `prime train` for the same shrunk preset as `make_cfg`."""
+    return ["train", PRESET, f"trainer.output_dir={tmp_path}", *TINY, *overrides]
 
 
 def eval_file(tmp_path) -> str:
