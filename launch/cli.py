@@ -2,7 +2,7 @@
 
     prime train CONFIG [section.key=value ...] [--dry-run]
     prime build-tiny-model OUT_DIR [--preset tiny|small]
-    prime make-data OUT [--kind arith|code] [--n N] [--seed S]
+    prime make-data OUT [--kind arith|code|arith_chain] [--n N] [--seed S] [--split train|test]
 """
 
 from __future__ import annotations
@@ -37,10 +37,17 @@ def _build_tiny(args: argparse.Namespace) -> int:
 
 
 def _make_data(args: argparse.Namespace) -> int:
-    from prime.data.synthetic import make_arithmetic_dataset, make_code_dataset
+    from prime.data.synthetic import make_arith_chain_dataset, make_arithmetic_dataset, make_code_dataset
 
-    make = make_arithmetic_dataset if args.kind == "arith" else make_code_dataset
-    make(args.out, n=args.n, seed=args.seed)
+    if args.kind == "arith_chain":
+        make_arith_chain_dataset(args.out, n=args.n, split=args.split, seed=args.seed)
+    elif args.split != "train":
+        print(f"prime: --split {args.split} applies only to --kind arith_chain (the other kinds have no "
+              f"held-out split); got --kind {args.kind}", file=sys.stderr)
+        return 2
+    else:
+        make = make_arithmetic_dataset if args.kind == "arith" else make_code_dataset
+        make(args.out, n=args.n, seed=args.seed)
     print(args.out)
     return 0
 
@@ -62,9 +69,11 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("make-data", help="write a synthetic dataset in the verl / Eurus-2-RL schema")
     p.add_argument("out", help="output .parquet or .jsonl path")
-    p.add_argument("--kind", choices=["arith", "code"], default="arith")
+    p.add_argument("--kind", choices=["arith", "code", "arith_chain"], default="arith")
     p.add_argument("--n", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--split", choices=["train", "test"], default="train",
+                   help="arith_chain only: the split, disjoint by expression (test: held-out evaluation)")
     p.set_defaults(func=_make_data)
 
     args = parser.parse_args(argv)
