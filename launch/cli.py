@@ -4,7 +4,7 @@
     prime plan CONFIG [section.key=value ...]
     prime sft CONFIG [section.key=value ...] [--out DIR]
     prime build-tiny-model OUT_DIR [--preset tiny|small] [--vocab arith|byte] [--seed S]
-    prime make-data OUT [--kind arith|code] [--n N] [--seed S]
+    prime make-data OUT [--kind arith|code|arith_chain] [--n N] [--seed S] [--split train|test]
     prime eval MODEL [DATA ...] [--suite SUITE.yaml] [--engine hf|vllm] [--n N] [--k 1,4,8] ...
     prime convert-data SOURCE OUT [--format NAME] [--split S] [--config C] [--limit N]
     prime sweep SWEEP.yaml [--summarize-only]
@@ -108,10 +108,13 @@ def _build_tiny(args: argparse.Namespace) -> int:
 
 
 def _make_data(args: argparse.Namespace) -> int:
-    from prime.data.synthetic import make_arithmetic_dataset, make_code_dataset
+    from prime.data.synthetic import make_synthetic_dataset
 
-    make = make_arithmetic_dataset if args.kind == "arith" else make_code_dataset
-    make(args.out, n=args.n, seed=args.seed)
+    try:
+        make_synthetic_dataset(args.kind, args.out, n=args.n, seed=args.seed, split=args.split)
+    except ValueError as e:
+        print(f"prime make-data: {e}", file=sys.stderr)
+        return 2
     print(args.out)
     return 0
 
@@ -163,9 +166,11 @@ def _add_data_commands(sub) -> None:
 
     p = sub.add_parser("make-data", help="write a synthetic dataset in the verl / Eurus-2-RL schema")
     p.add_argument("out", help="output .parquet or .jsonl path")
-    p.add_argument("--kind", choices=["arith", "code"], default="arith")
+    p.add_argument("--kind", choices=["arith", "code", "arith_chain"], default="arith")
     p.add_argument("--n", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--split", choices=["train", "test"], default="train",
+                   help="arith_chain only: the split, disjoint by expression (test: held-out evaluation)")
     p.set_defaults(func=_make_data)
 
     from prime.data.convert import add_arguments as add_convert_arguments

@@ -82,16 +82,18 @@ def prepare_run_dir(cfg: Config) -> str:
 
 def build_sft_model(cfg: Config, out_dir: str) -> str:
     """The locally built model of `model.tiny_preset`, given `model.warm_start_steps` supervised steps
-    on the arithmetic task, written to `out_dir` (built under a temporary name, so a crash never
-    leaves a half-made model there)."""
+    on the synthetic task (the arithmetic chains' worked solutions for `data.synthetic=arith_chain`,
+    else the bare arithmetic answers), written to `out_dir` (built under a temporary name, so a crash
+    never leaves a half-made model there)."""
     from prime.models.tiny import build_tiny_model, tiny_model_preset
-    from prime.train.sft import sft_warm_start
+    from prime.train.sft import chain_rows, sft_warm_start
 
     tmp = out_dir + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     build_tiny_model(tmp, seed=cfg.trainer.seed, **tiny_model_preset(cfg.model.tiny_preset))
     if cfg.model.warm_start_steps:
-        stats = sft_warm_start(tmp, steps=cfg.model.warm_start_steps, seed=cfg.trainer.seed,
+        rows = chain_rows(seed=cfg.trainer.seed)[0] if cfg.data.synthetic == "arith_chain" else None
+        stats = sft_warm_start(tmp, rows=rows, steps=cfg.model.warm_start_steps, seed=cfg.trainer.seed,
                                system_prompt=cfg.data.system_prompt)
         log.info("warm start: %d supervised steps, loss %.3f -> %.3f in %.1f s", stats["warmstart/steps"],
                  stats["warmstart/loss_first"], stats["warmstart/loss"], stats["warmstart/seconds"])
@@ -121,12 +123,11 @@ def load_dataset(cfg: Config, tokenizer, run_dir: str, rows: list[dict] | None =
     written into the run folder."""
     if rows is None:
         from launch.preflight import check_data
-        from prime.data.synthetic import make_arithmetic_dataset, make_code_dataset
+        from prime.data.synthetic import make_synthetic_dataset
 
         path = os.path.join(run_dir, f"synthetic_{cfg.data.synthetic}.parquet")
         if not os.path.exists(path):
-            make = make_arithmetic_dataset if cfg.data.synthetic == "arith" else make_code_dataset
-            make(path, n=cfg.data.synthetic_size, seed=cfg.trainer.seed)
+            make_synthetic_dataset(cfg.data.synthetic, path, n=cfg.data.synthetic_size, seed=cfg.trainer.seed)
         rows = [row for _, part in check_data("data.synthetic", path) for row in part]
     ds = build_prompt_dataset(rows, tokenizer, max_prompt_len=cfg.data.max_prompt_len,
                               system_prompt=cfg.data.system_prompt)

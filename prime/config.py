@@ -70,7 +70,7 @@ class ModelConfig:
     tiny_preset: Literal["tiny", "small"] = "tiny"
     """Which locally built model to use when `path` is empty (CPU demo and tests)."""
     warm_start_steps: int = 0
-    """Supervised steps on the synthetic arithmetic task applied to the locally built model before RL,
+    """Supervised steps on the synthetic task (`data.synthetic`) applied to the locally built model before RL,
     so the demo starts, like PRIME, from an SFT model (0: start from random weights)."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Weights dtype for training and rollout (fp32 on CPU; bf16 on GPUs)."""
@@ -88,8 +88,9 @@ class DataConfig:
 
     train_files: list[str] = field(default_factory=list)
     """Parquet/jsonl files or `save_to_disk` folders. Empty: generate the synthetic set below."""
-    synthetic: Literal["arith", "code", "none"] = "arith"
-    """Bundled synthetic task used when `train_files` is empty."""
+    synthetic: Literal["arith", "arith_chain", "code", "none"] = "arith"
+    """Bundled synthetic task used when `train_files` is empty: `arith` (7+5), `arith_chain` (3+5+2-4 with
+    worked solutions, train/test splits disjoint by expression), `code` (stdin/stdout programs)."""
     synthetic_size: int = 512
     """Rows of the synthetic task's training split."""
     synthetic_eval_size: int = 0
@@ -694,7 +695,7 @@ def validate(cfg: Config) -> None:
     if not cfg.data.train_files:
         need(
             cfg.data.synthetic != "none",
-            "data.train_files is empty and data.synthetic=none: give training files or a synthetic task (arith, code)",
+            "data.train_files is empty and data.synthetic=none: give training files or a synthetic task (arith, arith_chain, code)",
         )
     need(cfg.trainer.preempt_grace_s > 0, f"trainer.preempt_grace_s must be > 0, got {cfg.trainer.preempt_grace_s}")
     need(cfg.trainer.resume != "", "trainer.resume must be auto, none or a checkpoint path, got ''")
@@ -716,6 +717,11 @@ def _validate_eval(cfg: Config, need) -> None:
         need(bool(cfg.data.eval_files) or cfg.data.synthetic_eval_size > 0,
              f"trainer.eval_every={cfg.trainer.eval_every} needs held-out data: set data.eval_files "
              "(or a synthetic task's data.synthetic_eval_size)")
+    if not cfg.data.eval_files and cfg.data.synthetic_eval_size > 0:
+        need(cfg.data.synthetic == "arith_chain",
+             f"data.synthetic_eval_size={cfg.data.synthetic_eval_size} needs data.synthetic=arith_chain, the only "
+             f"bundled task with a held-out split disjoint from training (got {cfg.data.synthetic}); "
+             "or give data.eval_files")
 
 
 def _validate_offload_and_shape(cfg: Config) -> None:
