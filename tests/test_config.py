@@ -132,3 +132,9 @@ def test_cli_reports_config_errors_without_a_traceback(tmp_path):
     )
     assert proc.returncode == 2
     assert "rollout.n must be >= 2" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_float_override_written_without_a_dot_is_a_float():
+    # YAML 1.1 reads 1e-4 as a string; the key's type says it is a float.
+    cfg = load_config(None, ["actor.lr=1e-4", "prm.lr=3E-6"])
+    assert cfg.actor.lr == 1e-4 and cfg.prm.lr == 3e-6
