@@ -22,6 +22,7 @@ asks every node for the version and a fingerprint of the code it imports, naming
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import socket
 from collections.abc import Callable, Sequence
@@ -36,6 +37,8 @@ from ray.util.placement_group import (
     remove_placement_group,
 )
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
+
+logger = logging.getLogger(__name__)
 
 NODE_ID_LABEL = "ray.io/node-id"
 CODE_PACKAGES = ("prime", "workers", "launch")
@@ -95,20 +98,35 @@ def init_ray(address: str = "local", num_cpus: int = 0, env_vars: dict[str, str]
         # Ray runs workers at nice 15 by default; on a shared box or a laptop any other job then
         # starves the actors (seen: PRM update 8-10 s -> 17-30 s). The driver waits on them anyway.
         os.environ.setdefault("RAY_worker_niceness", "0")
-        ray.init(
-            address="local",  # a new instance even when another one on this machine is recorded as current
-            num_cpus=num_cpus or os.cpu_count(),
-            include_dashboard=False,
-            _node_ip_address="127.0.0.1",
-            runtime_env=runtime_env,
-            log_to_driver=True,
-            configure_logging=False,
-        )
+        _init_local(num_cpus, runtime_env)
     else:
         if working_dir:
             runtime_env["working_dir"] = working_dir
         local = {"_node_ip_address": "127.0.0.1"} if _is_loopback(address) else {}
         ray.init(address=address, runtime_env=runtime_env, configure_logging=False, **local)
+
+
+def _init_local(num_cpus: int, runtime_env: dict[str, Any], attempts: int = 3) -> None:
+    """`ray.init` of a local instance, tried again when its raylet misses Ray's fixed 30 s start-up
+    window (seen on a 2-core machine running other Ray jobs: "timed out during startup")."""
+    for attempt in range(1, attempts + 1):
+        try:
+            ray.init(
+                address="local",  # a new instance even when another one on this machine is recorded as current
+                num_cpus=num_cpus or os.cpu_count(),
+                include_dashboard=False,
+                _node_ip_address="127.0.0.1",
+                runtime_env=runtime_env,
+                log_to_driver=True,
+                configure_logging=False,
+            )
+            return
+        except Exception as e:  # Ray raises a bare Exception for this
+            if "timed out during startup" not in str(e) or attempt == attempts:
+                raise
+            logger.warning("local Ray start timed out (attempt %d of %d, machine busy); starting it again",
+                           attempt, attempts)
+            ray.shutdown()
 
 
 def node_ip() -> str:
