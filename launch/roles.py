@@ -67,7 +67,8 @@ def policy_args(cfg: Config, total_optimizer_steps: int) -> tuple[Any, EngineSet
                        clip_ratio_c=a.clip_ratio_c, gvpo_beta=cfg.algo.gvpo_beta, reg=reg)
     settings = EngineSettings(
         lr=a.lr, weight_decay=a.weight_decay, grad_clip=a.grad_clip, zero_stage=a.zero_stage,
-        offload_optimizer=a.offload_optimizer, bf16=cfg.model.dtype == "bfloat16", lr_warmup_steps=a.lr_warmup_steps,
+        offload_optimizer=a.offload_optimizer, offload_params=a.offload_params, bf16=cfg.model.dtype == "bfloat16",
+        lr_warmup_steps=a.lr_warmup_steps,
         lr_schedule=a.lr_schedule, total_steps=total_optimizer_steps,
         gradient_checkpointing=cfg.model.gradient_checkpointing)
     kwargs = dict(mini_batch_size=a.mini_batch_size or cfg.responses_per_step, epochs=a.ppo_epochs,
@@ -83,8 +84,10 @@ def prm_args(cfg: Config) -> dict[str, Any]:
     if p.loss == "dpo":  # whole groups per mini-batch
         mini = max(cfg.rollout.n, (mini // cfg.rollout.n) * cfg.rollout.n)
     settings = EngineSettings(lr=p.lr, grad_clip=p.grad_clip, zero_stage=p.zero_stage,
-                              bf16=cfg.model.dtype == "bfloat16")
-    return dict(settings=settings, ref=p.ref, beta=p.beta, loss=p.loss, granularity=p.granularity, norm=p.norm,
+                              bf16=cfg.model.dtype == "bfloat16", gradient_checkpointing=p.gradient_checkpointing,
+                              offload_optimizer=p.offload_optimizer, offload_params=p.offload_params)
+    return dict(settings=settings, ref=p.ref, ref_placement=p.ref_placement, beta=p.beta, loss=p.loss,
+                granularity=p.granularity, norm=p.norm,
                 mini_batch_size=mini, max_tokens_per_micro_batch=p.max_tokens_per_micro_batch,
                 temperature=cfg.rollout.temperature, seed=cfg.trainer.seed,
                 trust_remote_code=cfg.model.trust_remote_code)
@@ -138,6 +141,9 @@ def build_roles(cfg: Config, model_path: str, prm_path: str, total_optimizer_ste
         kwargs=dict(num_workers=cfg.verifier.workers_per_actor, timeout_s=cfg.verifier.timeout_s,
                     code_case_timeout_s=cfg.verifier.code_test_timeout_s),
     )
+    starts = rollout.call(lambda a, r: a.ready.remote())
+    if cfg.rollout.enable_sleep_mode:  # colocated: the engines free their GPU memory before DeepSpeed builds
+        rollout.call(lambda a, r: a.sleep.remote(cfg.rollout.sleep_level))
     policy = ActorGroup(PolicyWorker, world, name="policy", num_cpus=cpus, num_gpus=place.train_gpu,
                         shared_pg=place.shared_pg)
     loss, settings, kwargs = policy_args(cfg, total_optimizer_steps)
@@ -156,8 +162,7 @@ def build_roles(cfg: Config, model_path: str, prm_path: str, total_optimizer_ste
                                            max_tokens_per_micro_batch=cfg.actor.max_tokens_per_micro_batch,
                                            temperature=cfg.rollout.temperature,
                                            trust_remote_code=cfg.model.trust_remote_code))
-    starts = rollout.call(lambda a, r: a.ready.remote())
-    # After the trainer is built and the engines are up: the broadcast plan needs both.
+    # After the trainer is built and the engines are up: the streaming plan needs both.
     weight_sync = make_weight_sync(cfg.cluster.weight_sync, policy, rollout, cfg.cluster.weight_sync_bucket_mb)
     return Roles(rollout=rollout, verifier=verifier, policy=policy, prm=prm, reference=reference,
                  engine_start_s=max(starts), weight_sync=weight_sync)

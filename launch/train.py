@@ -62,7 +62,7 @@ def rollout_stage(job: Job, step: int, timer: StageTimer) -> tuple[Batch, dict[s
     )
     if cfg.rollout.enable_sleep_mode:  # colocated: free the engines' GPU memory while training
         with timer("engine_sleep"):
-            roles.rollout.call(lambda a, r: a.sleep.remote())
+            roles.rollout.call(lambda a, r: a.sleep.remote(cfg.rollout.sleep_level))
     batch = build_batch(got.groups, job.pad_id)
     return batch, dict(got.metrics) | response_metrics(batch)
 
@@ -77,13 +77,25 @@ def advantage_stage(cfg: Config, batch: Batch, process_rewards) -> tuple[Batch, 
 
 
 def sync_stage(job: Job, timer: StageTimer) -> dict[str, float]:
-    """Wake the engines (colocated) and push the new policy weights into them."""
-    roles = job.roles
-    if job.cfg.rollout.enable_sleep_mode:
+    """Push the new policy weights into the engines and get them ready to generate.
+
+    Colocated, the order keeps the GPU's peak low: the engines' weights wake (their KV cache
+    stays released), the sync fills them, the trainers' states go to the host, and only then does
+    the KV cache come back.
+    """
+    roles, cfg = job.roles, job.cfg
+    if cfg.rollout.enable_sleep_mode:
         with timer("engine_wake"):
-            roles.rollout.call(lambda a, r: a.wake_up.remote())
+            roles.rollout.call(lambda a, r: a.wake_up.remote(["weights"]))
     with timer("weight_sync"):
         sync = roles.weight_sync.sync()
+    if cfg.cluster.offload_trainers:
+        with timer("offload_trainers"):
+            for group in (g for g in (roles.policy, roles.prm) if g is not None):
+                group.call(lambda a, r: a.offload_states.remote())
+    if cfg.rollout.enable_sleep_mode:
+        with timer("engine_wake"):
+            roles.rollout.call(lambda a, r: a.wake_up.remote(["kv_cache"]))
     # Compute = what the actors did (gather, broadcast, engine load); moving objects is overhead.
     actor_s = sum(sync.get(f"weight_sync/{part}_seconds", 0.0) for part in ("gather", "broadcast", "load"))
     timer.compute("weight_sync", actor_s)
@@ -168,7 +180,6 @@ def restore(job: Job) -> int:
         roles.prm.call(lambda a, r: a.load_checkpoint.remote(os.path.join(path, "prm")))
     job.sampler.load_state_dict(state["sampler"])
     load_rng_state(path)
-    roles.weight_sync.sync()  # engines started from the initial weights
     log.info("resumed from %s at step %d", path, state["step"])
     return int(state["step"])
 
@@ -209,6 +220,10 @@ def run(cfg: Config) -> str:
     logger = None
     try:
         start = restore(job)
+        if start or cfg.rollout.enable_sleep_mode:
+            # Resumed: the engines started from the initial weights. Colocated: they have slept
+            # since the trainers were built.
+            sync_stage(job, StageTimer())
         lg = cfg.logging
         logger = MetricsLogger(job.run_dir, to_dict(cfg), wandb_mode=lg.wandb_mode, project=lg.wandb_project,
                                entity=lg.wandb_entity, run_name=cfg.trainer.run_name,
