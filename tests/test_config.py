@@ -65,6 +65,16 @@ BAD = [
     (["rollout=3"], ["rollout: expected a mapping"]),
     (["data.train_files=[]", "data.synthetic=none"], ["data.train_files is empty"]),
     (["trainer.batch_size=3", "cluster.policy_world_size=2"], ["trainer.batch_size (3)", "cluster.policy_world_size (2)"]),
+    (["actor.offload_params=true"], ["actor.offload_params=true needs actor.zero_stage=3", "actor.zero_stage=2"]),
+    (["prm.offload_params=true", "prm.zero_stage=1"], ["prm.offload_params=true", "prm.zero_stage=1"]),
+    (["cluster.offload_trainers=true", "actor.zero_stage=0"], ["cluster.offload_trainers=true", "actor.zero_stage=0"]),
+    (["prm.ref=policy", "prm.ref_placement=sharded"], ["prm.ref_placement=sharded", "prm.ref=policy"]),
+    (["prm.ref_placement=everywhere"], ["prm.ref_placement", "'replicated', 'sharded', 'offload'"]),
+    (["cluster.weight_sync=nccl"], ["cluster.weight_sync", "'object_store', 'broadcast', 'ipc'"]),
+    (["cluster.weight_sync=ipc", "rollout.num_engines=2"], ["weight_sync=ipc", "rollout.num_engines (2)",
+                                                            "cluster.policy_world_size (1)"]),
+    (["cluster.weight_sync=ipc", "trainer.device=cuda"], ["weight_sync=ipc", "cluster.placement=colocated"]),
+    (["rollout.sleep_level=3"], ["rollout.sleep_level", "one of 1, 2"]),
 ]
 
 

@@ -337,23 +337,40 @@ class BroadcastChannel(_Group):
 
     def send_stream(self, buckets: list[Bucket], sources: Iterable[Mapping[str, torch.Tensor]]) -> dict[str, float]:
         """Rank 0: broadcast bucket i from the i-th mapping `sources` yields (it may hold just that
-        bucket's tensors). One send buffer of the largest bucket's size is reused for every bucket."""
+        bucket's tensors). One send buffer of the largest multi-tensor bucket's size is reused for
+        every bucket; a bucket of one tensor is sent from the tensor itself."""
         if self.rank != 0:
             raise RuntimeError("only rank 0 sends")
         t0 = time.perf_counter()
-        buffer = torch.empty(max_bucket_bytes(buckets), dtype=torch.uint8, device=self.device)
+        multi = [b for b in buckets if len(b.slots) > 1]
+        buffer = torch.empty(max_bucket_bytes(multi), dtype=torch.uint8, device=self.device)
         it = iter(sources)
         for i, b in enumerate(buckets):
             try:
-                flat = flatten_bucket(b, next(it), out=buffer[: b.nbytes].view(b.dtype))  # [numel]
+                named = next(it)
+                flat = self._as_flat(b, named)
+                if flat is None:
+                    flat = flatten_bucket(b, named, out=buffer[: b.nbytes].view(b.dtype))  # [numel]
             except BaseException:
                 self._status(_ABORT)  # release the receivers before raising
                 raise
             self._status(i)
             self._broadcast(flat)
+            del named, flat
         self._sync_device(self.device)
         return {"bytes": float(sum(b.nbytes for b in buckets)), "buckets": float(len(buckets)),
                 "seconds": time.perf_counter() - t0}
+
+    def _as_flat(self, bucket: Bucket, named: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
+        """A one-tensor bucket already laid out as the wire needs it (the bucket plan gives every
+        tensor over the bucket size a bucket of its own) is sent as it is, without a staging copy."""
+        if len(bucket.slots) != 1:
+            return None
+        s = bucket.slots[0]
+        t = named[s.name]
+        if t.device != self.device or t.dtype != bucket.dtype or tuple(t.shape) != s.shape or not t.is_contiguous():
+            return None
+        return t.reshape(-1)
 
     def receive_stream(self, buckets: list[Bucket]) -> Iterator[list[tuple[str, torch.Tensor]]]:
         """Ranks > 0: yield each bucket's named tensors as it arrives (views into a fresh buffer, so

@@ -11,8 +11,8 @@ ever holding the whole model.
    parameter offload), in the training dtype;
 2. the checkpoint is streamed module by module: every rank gathers one module's parameters
    (`GatheredParameters(modifier_rank=0)`), rank 0 alone reads just those tensors from the
-   safetensors files (memory-mapped, one tensor at a time) and copies them in, and leaving the
-   context broadcasts them and re-partitions.
+   safetensors files (one tensor at a time, read rather than memory-mapped) and copies them in,
+   and leaving the context broadcasts them and re-partitions.
 
 Host memory per rank is its partition (on a CPU machine; nothing on a GPU one) plus one module
 gathered, plus on rank 0 one tensor read from disk. docs/gpu_memory.md has the arithmetic.
@@ -50,27 +50,50 @@ def checkpoint_files(path: str) -> dict[str, str]:
         return {name: os.path.join(path, fname) for name, fname in weight_map.items()}
     single = os.path.join(path, _SINGLE)
     if os.path.isfile(single):
-        from safetensors import safe_open
-
-        with safe_open(single, framework="pt") as f:
-            return dict.fromkeys(f.keys(), single)
+        with open(single, "rb") as f:
+            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+        return dict.fromkeys((k for k in header if k != "__metadata__"), single)
     raise FileNotFoundError(f"no {_SINGLE} or {_INDEX} in {path!r}; ZeRO-3 loading reads safetensors checkpoints "
                             "(save the model with safe_serialization=True)")
 
 
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
+
+
 class _Reader:
-    """Rank 0's lazy access to a checkpoint's tensors (one open safetensors handle per file)."""
+    """Rank 0's access to a checkpoint's tensors, one tensor at a time.
+
+    Reads each tensor's byte range from its safetensors file into a fresh buffer (the format is an
+    8-byte header length, a JSON header of dtype, shape and data offsets, then the data). Memory-
+    mapping the file instead would put every page it touches into this process's RSS until the
+    file is closed: the whole checkpoint, on top of the partitions.
+    """
 
     def __init__(self, files: dict[str, str]) -> None:
-        self.files, self._open = files, {}
+        self.files, self._headers = files, {}
+
+    def _header(self, fname: str) -> tuple[int, dict]:
+        if fname not in self._headers:
+            with open(fname, "rb") as f:
+                n = int.from_bytes(f.read(8), "little")
+                self._headers[fname] = (8 + n, json.loads(f.read(n)))
+        return self._headers[fname]
 
     def get(self, name: str) -> torch.Tensor:
-        from safetensors import safe_open
-
         fname = self.files[name]
-        if fname not in self._open:
-            self._open[fname] = safe_open(fname, framework="pt")
-        return self._open[fname].get_tensor(name)
+        base, header = self._header(fname)
+        entry = header[name]
+        if entry["dtype"] not in _DTYPES:
+            raise ValueError(f"tensor {name!r} in {fname!r} has dtype {entry['dtype']}; readable: {sorted(_DTYPES)}")
+        start, end = entry["data_offsets"]
+        buf = torch.empty(end - start, dtype=torch.uint8)
+        with open(fname, "rb") as f:
+            f.seek(base + start)
+            if f.readinto(buf.numpy()) != end - start:
+                raise OSError(f"{fname!r} ends before tensor {name!r} does")
+        return buf.view(_DTYPES[entry["dtype"]]).reshape(entry["shape"])
 
 
 def _rank() -> int:
