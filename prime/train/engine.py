@@ -363,18 +363,28 @@ def optimizer_step(engine) -> float:
     return norm
 
 
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
 def gather_named_weights(module: torch.nn.Module, zero_stage: int, tie_lm_head: bool = True) -> dict:
     """Full, HF-named state dict on the CPU (gathering ZeRO-3 partitions one tensor at a time).
 
     Tied parameters are listed under every name (`lm_head.weight` next to
-    `model.embed_tokens.weight`): inference engines expect every checkpoint tensor.
+    `model.embed_tokens.weight`): inference engines expect every checkpoint tensor. Under ZeRO-3
+    every rank takes part in each gather but only rank 0 keeps a host copy; the others return
+    the buffers only.
     """
     out: dict[str, torch.Tensor] = {}
     if zero_stage == 3:
         deepspeed = _import_deepspeed()
+        keep = _rank() == 0
         for name, p in module.named_parameters(remove_duplicate=False):
             with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
-                out[name] = p.data.detach().to("cpu", copy=True)
+                if keep:
+                    out[name] = p.data.detach().to("cpu", copy=True)
         for mod_name, mod in module.named_modules():
             for buf_name, buf in mod.named_buffers(recurse=False):
                 # Non-persistent buffers (rotary inv_freq) are not checkpoint tensors.
@@ -475,8 +485,7 @@ def save_hf_folder(engine, zero_stage: int, source_path: str, out_dir: str) -> N
 
     module = engine.module
     weights = gather_named_weights(module, zero_stage)
-    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-    if rank == 0:
+    if _rank() == 0:
         os.makedirs(out_dir, exist_ok=True)
         if getattr(module.config, "tie_word_embeddings", False):
             # Tied: the head is the embedding; storing it twice confuses loaders.

@@ -329,7 +329,8 @@ class Trainer:
         return True
 
     def named_weights(self) -> dict[str, torch.Tensor]:
-        """Full HF-named weights on the CPU, `lm_head.weight` included (collective under ZeRO-3)."""
+        """Full HF-named weights on the CPU, `lm_head.weight` included (collective under ZeRO-3, where
+        only rank 0 gets them; the weight sync streams `weight_buckets` instead)."""
         self.reload_states()
         return gather_named_weights(self.engine.module, self.settings.zero_stage)
 
