@@ -8,16 +8,18 @@ config object, and the estimator's consequences (which policy loss, whether a PR
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import ray
+from ray.util.placement_group import remove_placement_group
 
-from prime.algo import policy_loss_kind, uses_process_rewards
+from launch.placement import Layout
+from prime.algo import policy_loss_kind
 from prime.config import Config
 from prime.train.engine import EngineSettings
 from prime.train.losses import Regularizers, policy_loss
-from workers.group import ActorGroup, shared_placement_group
+from workers.group import ActorGroup, PlacementError, Slot, cluster_nodes, create_placement_group, match_nodes
 from workers.policy import PolicyWorker
 from workers.prm import PRMWorker
 from workers.reference import ReferenceWorker
@@ -35,27 +37,41 @@ class Roles:
     reference: ActorGroup | None
     engine_start_s: float
     weight_sync: WeightSync
+    placement_groups: list = field(default_factory=list)
 
-    def shutdown(self) -> None:
+    def groups(self) -> dict[str, ActorGroup]:
+        named = {"rollout": self.rollout, "verifier": self.verifier, "policy": self.policy, "prm": self.prm,
+                 "reference": self.reference}
+        return {name: g for name, g in named.items() if g is not None}
+
+    def placement_record(self) -> dict[str, list[dict[str, Any]]]:
+        """Where every rank runs: its Ray node id and address, and its bundle (written to placement.json)."""
+        ips = {n.node_id: n.ip for n in cluster_nodes()}
+        return {name: [{"rank": r, "node_id": node, "node_ip": ips.get(node, "?"), "bundle": slot.bundle}
+                       for r, (node, slot) in enumerate(zip(g.node_ids(), g.slots))]
+                for name, g in self.groups().items()}
+
+    def groups(self) -> dict[str, ActorGroup]:
+        """The role groups that exist in this job, by role name."""
+        named = {"rollout": self.rollout, "verifier": self.verifier, "policy": self.policy, "prm": self.prm,
+                 "reference": self.reference}
+        return {name: g for name, g in named.items() if g is not None}
+
+    def shutdown(self, timeout_s: float = 60.0) -> None:
+        """Stop every role: each actor's own clean-up (engines, grading pools) for up to `timeout_s`
+        per group (a rank hung beside a dead peer does not answer), then kill the actors."""
         try:
             self.weight_sync.close()
         except Exception:  # a transport whose peers are already gone needs no clean close
             pass
-        groups = [g for g in (self.rollout, self.verifier, self.policy, self.prm, self.reference) if g is not None]
-        for group in groups:
+        for group in self.groups().values():
             try:  # let each role stop its own subprocesses (engines, grading pools) before it is killed
-                ray.get([a.shutdown.remote() for a in group.actors], timeout=60)
+                ray.get([a.shutdown.remote() for a in group.actors], timeout=timeout_s)
             except Exception:  # an actor that already died needs no clean stop
                 pass
             group.shutdown()
-
-
-def uses_prm(cfg: Config) -> bool:
-    return uses_process_rewards(cfg.algo.name, cfg.algo.process_coef)
-
-
-def uses_reference(cfg: Config) -> bool:
-    return cfg.algo.kl_coef > 0.0
+        for pg in self.placement_groups:
+            remove_placement_group(pg)
 
 
 def policy_args(cfg: Config, total_optimizer_steps: int) -> tuple[Any, EngineSettings, dict[str, Any]]:
@@ -84,8 +100,9 @@ def prm_args(cfg: Config) -> dict[str, Any]:
     if p.loss == "dpo":  # whole groups per mini-batch
         mini = max(cfg.rollout.n, (mini // cfg.rollout.n) * cfg.rollout.n)
     settings = EngineSettings(lr=p.lr, grad_clip=p.grad_clip, zero_stage=p.zero_stage,
-                              bf16=cfg.model.dtype == "bfloat16", gradient_checkpointing=p.gradient_checkpointing,
-                              offload_optimizer=p.offload_optimizer, offload_params=p.offload_params)
+                              offload_optimizer=p.offload_optimizer, offload_params=p.offload_params,
+                              bf16=cfg.model.dtype == "bfloat16",
+                              gradient_checkpointing=cfg.model.gradient_checkpointing or p.gradient_checkpointing)
     return dict(settings=settings, ref=p.ref, ref_placement=p.ref_placement, beta=p.beta, loss=p.loss,
                 granularity=p.granularity, norm=p.norm,
                 mini_batch_size=mini, max_tokens_per_micro_batch=p.max_tokens_per_micro_batch,
@@ -98,71 +115,70 @@ def rollout_engine_args(cfg: Config) -> dict[str, Any]:
     common = dict(dtype=cfg.model.dtype, seed=cfg.trainer.seed, trust_remote_code=cfg.model.trust_remote_code)
     if r.engine == "hf":
         return common | dict(device=cfg.trainer.device)
-    return common | dict(
+    # A tensor-parallel engine runs its workers as Ray actors in the one-GPU bundles launch/placement.py gave it.
+    executor = {"distributed_executor_backend": "ray"} if r.tensor_parallel_size > 1 else {}
+    return common | executor | dict(
         tensor_parallel_size=r.tensor_parallel_size, gpu_memory_utilization=r.gpu_memory_utilization,
         max_model_len=cfg.data.max_prompt_len + r.max_response_len, enforce_eager=r.enforce_eager,
         enable_sleep_mode=r.enable_sleep_mode, cpu_kv_cache_gib=r.cpu_kv_cache_gib,
     )
 
 
-@dataclass
-class _Placement:
-    """Where the groups go: a shared placement group (colocated GPUs) or each its own."""
-
-    shared_pg: Any
-    train_gpu: float
-    rollout_gpu: float
-
-
-def _placement(cfg: Config) -> _Placement:
-    gpu = cfg.trainer.device == "cuda"
-    if not gpu:
-        return _Placement(None, 0.0, 0.0)
-    if cfg.cluster.placement != "colocated":
-        return _Placement(None, 1.0, float(cfg.rollout.tensor_parallel_size))
-    # Every role's rank i shares bundle i's GPU; equal fractions keep Ray's accounting within one GPU.
-    roles_on_gpu = 2 + int(uses_prm(cfg)) + int(uses_reference(cfg))
-    share = round(1.0 / roles_on_gpu - 0.005, 2)
-    pg = shared_placement_group(cfg.cluster.policy_world_size, num_cpus=roles_on_gpu * cfg.cluster.cpus_per_actor,
-                                num_gpus=1.0)
-    return _Placement(pg, share, share)
+def reserve(cfg: Config, layout: Layout) -> dict[str, Any]:
+    """The layout's placement groups, by name, each bundle pinned to the Ray node matched to its planned
+    node; all or none (what was reserved is released when one group fails)."""
+    node_ids = match_nodes(layout.node_needs())
+    pgs: dict[str, Any] = {}
+    try:
+        for spec in layout.groups.values():
+            nodes = [None if n is None else node_ids[n] for n in spec.nodes]
+            pgs[spec.name] = create_placement_group(spec.name, spec.bundles, nodes, cfg.cluster.placement_timeout_s)
+    except PlacementError:
+        for pg in pgs.values():
+            remove_placement_group(pg)
+        raise
+    return pgs
 
 
-def build_roles(cfg: Config, model_path: str, prm_path: str, total_optimizer_steps: int) -> Roles:
-    cpus, world = cfg.cluster.cpus_per_actor, cfg.cluster.policy_world_size
-    place = _placement(cfg)
-    rollout = ActorGroup(
-        RolloutWorker, cfg.rollout.num_engines, name="rollout", num_cpus=cpus, num_gpus=place.rollout_gpu,
-        shared_pg=place.shared_pg if cfg.rollout.num_engines <= world else None,
-        kwargs=dict(engine=cfg.rollout.engine, model_path=model_path, engine_kwargs=rollout_engine_args(cfg)),
-    )
-    verifier = ActorGroup(
-        VerifierWorker, cfg.verifier.num_actors, name="verifier", num_cpus=cpus,
-        kwargs=dict(num_workers=cfg.verifier.workers_per_actor, timeout_s=cfg.verifier.timeout_s,
-                    code_case_timeout_s=cfg.verifier.code_test_timeout_s),
-    )
-    starts = rollout.call(lambda a, r: a.ready.remote())
-    if cfg.rollout.enable_sleep_mode:  # colocated: the engines free their GPU memory before DeepSpeed builds
+def _group(cls: type, role: str, layout: Layout, pgs: dict[str, Any], **kwargs) -> ActorGroup:
+    """The actors of `role` in the slots the layout gave them."""
+    places = layout.actors[role]
+    slots = [Slot(p.bundles[0], p.num_cpus, p.num_gpus, p.captures_children, p.env_vars) for p in places]
+    return ActorGroup(cls, name=role, pg=pgs[places[0].group], slots=slots, **kwargs)
+
+
+def build_roles(cfg: Config, model_path: str, prm_path: str, total_optimizer_steps: int, layout: Layout,
+                pgs: dict[str, Any]) -> Roles:
+    """The actor groups in the placement groups `reserve` made (Roles.shutdown releases them).
+
+    With sleep mode (colocated GPUs) the engines start and fall asleep before DeepSpeed builds the
+    trainers on the same GPUs; otherwise the engines start while the trainers build."""
+    restarts = cfg.trainer.actor_max_restarts  # Ray restarts a dead engine or verifier; its work is sent again
+    rollout = _group(RolloutWorker, "rollout", layout, pgs, max_restarts=restarts, kwargs=dict(
+        engine=cfg.rollout.engine, model_path=model_path, engine_kwargs=rollout_engine_args(cfg)))
+    verifier = _group(VerifierWorker, "verifier", layout, pgs, max_restarts=restarts, kwargs=dict(
+        num_workers=cfg.verifier.workers_per_actor, timeout_s=cfg.verifier.timeout_s,
+        code_case_timeout_s=cfg.verifier.code_test_timeout_s))
+    starts = None
+    if cfg.rollout.enable_sleep_mode:
+        starts = rollout.call(lambda a, r: a.ready.remote())
         rollout.call(lambda a, r: a.sleep.remote(cfg.rollout.sleep_level))
-    policy = ActorGroup(PolicyWorker, world, name="policy", num_cpus=cpus, num_gpus=place.train_gpu,
-                        shared_pg=place.shared_pg)
+    policy = _group(PolicyWorker, "policy", layout, pgs)
     loss, settings, kwargs = policy_args(cfg, total_optimizer_steps)
     policy.call(lambda a, r: a.build.remote(model_path, loss, settings, kwargs))
     prm = None
-    if uses_prm(cfg):
-        same_ranks = cfg.cluster.prm_world_size == world
-        prm = ActorGroup(PRMWorker, cfg.cluster.prm_world_size, name="prm", num_cpus=cpus, num_gpus=place.train_gpu,
-                         shared_pg=place.shared_pg if same_ranks else None)
+    if "prm" in layout.actors:
+        prm = _group(PRMWorker, "prm", layout, pgs)
         prm.call(lambda a, r: a.build.remote(prm_path, prm_args(cfg)))
     reference = None
-    if uses_reference(cfg):
-        reference = ActorGroup(ReferenceWorker, world, name="reference", num_cpus=cpus, num_gpus=place.train_gpu,
-                               shared_pg=place.shared_pg,
-                               kwargs=dict(model_path=model_path, dtype=cfg.model.dtype,
-                                           max_tokens_per_micro_batch=cfg.actor.max_tokens_per_micro_batch,
-                                           temperature=cfg.rollout.temperature,
-                                           trust_remote_code=cfg.model.trust_remote_code))
+    if "reference" in layout.actors:
+        reference = _group(ReferenceWorker, "reference", layout, pgs, kwargs=dict(
+            model_path=model_path, dtype=cfg.model.dtype,
+            max_tokens_per_micro_batch=cfg.actor.max_tokens_per_micro_batch, temperature=cfg.rollout.temperature,
+            trust_remote_code=cfg.model.trust_remote_code))
+    if starts is None:
+        starts = rollout.call(lambda a, r: a.ready.remote())
     # After the trainer is built and the engines are up: the streaming plan needs both.
     weight_sync = make_weight_sync(cfg.cluster.weight_sync, policy, rollout, cfg.cluster.weight_sync_bucket_mb)
     return Roles(rollout=rollout, verifier=verifier, policy=policy, prm=prm, reference=reference,
-                 engine_start_s=max(starts), weight_sync=weight_sync)
+                 engine_start_s=max(starts), weight_sync=weight_sync, placement_groups=list(pgs.values()))

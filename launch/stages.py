@@ -20,6 +20,7 @@ from prime.algo import group_filter_stats, keep_groups
 from prime.data.batch import Batch, pack_sequences
 from prime.data.dataset import PromptDataset, PromptItem
 from prime.data.sampler import PromptSampler
+from launch.faults import Recovery, gather_dealt
 from prime.rollout.base import Completion
 from workers.group import ActorGroup, shard_groups
 
@@ -93,33 +94,43 @@ def undeal(parts: list[list], total: int, n: int) -> list:
     return out
 
 
-def generate(rollout: ActorGroup, prompts: list[PromptItem], s: Sampling, seed_of_engine: Callable[[int], int],
-             timer: StageTimer) -> list[list[Completion]]:
-    """Deal prompts round-robin to the engines, generate n each, return them in prompt order."""
-    engines = rollout.actors
-    refs = [
-        e.generate.remote([p.prompt_ids for p in chunk], s.n, s.max_new_tokens, s.temperature, s.top_p,
-                          seed_of_engine(i))
-        for i, (e, chunk) in enumerate(zip(engines, deal(prompts, len(engines)))) if chunk
-    ]
-    results = ray.get(refs)
-    timer.compute("generate", max(sec for _, sec in results))
-    return undeal([outs for outs, _ in results], len(prompts), len(engines))
+def generate(rollout: ActorGroup, prompt_ids: list[list[int]], *, n: int, max_new_tokens: int, temperature: float,
+             top_p: float, seed_of_engine: Callable[[int], int | None],
+             recovery: Recovery | None = None) -> tuple[list[list[Completion]], float]:
+    """Deal prompts round-robin to the engines, n completions each, back in prompt order; and the
+    engines' compute seconds (the slowest engine's). With `recovery`, a dead engine's share is
+    generated again, with the same seed, once Ray has restarted it."""
+    calls = [(i, lambda e, chunk=chunk, seed=seed_of_engine(i): e.generate.remote(chunk, n, max_new_tokens, temperature,
+                                                                               top_p, seed))
+             for i, chunk in enumerate(deal(prompt_ids, rollout.world_size)) if chunk]
+    results = gather_dealt(rollout, calls, recovery)
+    return undeal([outs for outs, _ in results], len(prompt_ids), rollout.world_size), max(sec for _, sec in results)
 
 
-def verify(verifier: ActorGroup, prompts: list[PromptItem], completions: list[list[Completion]],
-           timer: StageTimer) -> tuple[list[list[float]], dict[str, float]]:
-    """Grade every response; the items are dealt round-robin to the verifier actors."""
+def verify(verifier: ActorGroup, items: list[dict],
+           recovery: Recovery | None = None) -> tuple[list[float], dict[str, float]]:
+    """Grade items `{ability, data_source, response, ground_truth}`, dealt round-robin to the verifier
+    actors; scores in item order and `verify/*` metrics (`verify/seconds`: the slowest actor's). With
+    `recovery`, a dead actor's share is graded again once Ray has restarted it."""
+    calls = [(i, lambda a, chunk=chunk: a.score.remote(chunk))
+             for i, chunk in enumerate(deal(items, verifier.world_size)) if chunk]
+    results = gather_dealt(verifier, calls, recovery)
+    flat = [float(s) for s in undeal([scores for scores, _ in results], len(items), verifier.world_size)]
+    metrics = {key: sum(float(m[key]) for _, m in results)
+               for key in ("verify/timeouts", "verify/errors", "verify/items")}
+    metrics["verify/seconds"] = max(m["verify/seconds"] for _, m in results)
+    return flat, metrics
+
+
+def verify_groups(verifier: ActorGroup, prompts: list[PromptItem], completions: list[list[Completion]],
+                  timer: StageTimer, recovery: Recovery | None = None) -> tuple[list[list[float]], dict[str, float]]:
+    """Grade every response of every prompt; one list of K scores per prompt."""
     items = [
         {"ability": p.ability, "data_source": p.data_source, "response": c.text, "ground_truth": p.ground_truth}
         for p, comps in zip(prompts, completions) for c in comps
     ]
-    actors = verifier.actors
-    results = ray.get([a.score.remote(chunk) for a, chunk in zip(actors, deal(items, len(actors))) if chunk])
-    timer.compute("verify", max(m["verify/seconds"] for _, m in results))
-    flat = [float(s) for s in undeal([scores for scores, _ in results], len(items), len(actors))]
-    metrics = {key: sum(float(m[key]) for _, m in results)
-               for key in ("verify/timeouts", "verify/errors", "verify/items")}
+    flat, metrics = verify(verifier, items, recovery)
+    timer.compute("verify", metrics.pop("verify/seconds"))
     k = len(completions[0]) if completions else 0
     return [flat[i * k:(i + 1) * k] for i in range(len(prompts))], metrics
 
@@ -136,7 +147,7 @@ def filter_flags(groups: list[Group], s: Sampling) -> list[bool]:
 
 def collect_groups(*, rollout: ActorGroup, verifier: ActorGroup, dataset: PromptDataset, sampler: PromptSampler,
                    batch_size: int, sampling: Sampling, seed_of: Callable[[int, int], int], multiple_of: int,
-                   timer: StageTimer) -> CollectResult:
+                   timer: StageTimer, recovery: Recovery | None = None) -> CollectResult:
     """Generate, verify and filter rounds until `batch_size` groups pass (or `max_rounds` is reached).
 
     Each round asks for the missing groups times `oversample`; `seed_of(round, engine)` seeds the
@@ -146,7 +157,8 @@ def collect_groups(*, rollout: ActorGroup, verifier: ActorGroup, dataset: Prompt
     is skipped and every trained response is on-policy. The batch is trimmed to a multiple of
     `multiple_of` (the data-parallel ranks, each of which needs whole groups); if fewer groups than
     that passed in `max_rounds` rounds, generated groups that failed the filter top it up
-    (`filter/fallback_groups`) so the step still trains.
+    (`filter/fallback_groups`) so the step still trains. `recovery` re-sends the share of an engine
+    or verifier actor that died (`launch/faults.py`).
     """
     s = sampling
     filtering = s.accuracy or s.drop_truncated
@@ -160,9 +172,13 @@ def collect_groups(*, rollout: ActorGroup, verifier: ActorGroup, dataset: Prompt
             break
         prompts = dataset.batch(sampler.next_batch(math.ceil(missing * s.oversample) if filtering else missing))
         with timer("generate"):
-            completions = generate(rollout, prompts, s, lambda engine: seed_of(rnd, engine), timer)
+            completions, seconds = generate(rollout, [p.prompt_ids for p in prompts], n=s.n,
+                                            max_new_tokens=s.max_new_tokens, temperature=s.temperature,
+                                            top_p=s.top_p, seed_of_engine=lambda engine: seed_of(rnd, engine),
+                                            recovery=recovery)
+            timer.compute("generate", seconds)
         with timer("verify"):
-            scores, vm = verify(verifier, prompts, completions, timer)
+            scores, vm = verify_groups(verifier, prompts, completions, timer, recovery)
         groups = [Group(p, c, sc) for p, c, sc in zip(prompts, completions, scores)]
         with timer("filter"):
             flags = filter_flags(groups, s)

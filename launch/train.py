@@ -10,16 +10,26 @@ One step (docs/algorithms.md section 5):
 Kept from the PRIME recipe: online PRM update from verifier outcomes (`prm.update=before` by default,
 `after` as the authors' cheaper variant), leave-one-out process and outcome rewards, whitened returns,
 accuracy filter [0.2, 0.8]. Changed: the PRM reward normaliser is global over the batch, not per rank.
+
+Faults (docs/reliability.md): a verifier or rollout actor that dies is restarted and its share of
+the step sent again (`launch/faults.py`); a lost training rank or node makes the driver rebuild the
+actor groups and resume from the last checkpoint in-process (`trainer.max_restarts`); SIGTERM ends
+the run with a checkpoint and exit 0 (`launch/preempt.py`); a step's metrics line is written before
+its checkpoint is committed, and a resume cuts metrics.jsonl back to the checkpoint's step.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
 import time
 
+from launch.evaluation import run_eval
+from launch.faults import JobLost, loss_cause
 from launch.logger import MetricsLogger
+from launch.preempt import Preemption, StepAbandoned
 from launch.setup import Job, start_job
 from launch.stages import (
     Sampling,
@@ -34,9 +44,20 @@ from launch.stages import (
 from prime.algo import compute_advantages, logprob_gap
 from prime.config import Config, rollout_seed, to_dict
 from prime.data.batch import Batch
-from prime.train.checkpoint import find_latest, load_rng_state, load_state, save_checkpoint
+from prime.train.checkpoint import (
+    find_latest,
+    load_rng_state,
+    load_state,
+    remove_leftovers,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 
 log = logging.getLogger("prime")
+
+PID_FILE = "driver.pid"
+"""In the run folder while the driver runs: its process id, for whatever must send it SIGTERM."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -58,7 +79,7 @@ def rollout_stage(job: Job, step: int, timer: StageTimer) -> tuple[Batch, dict[s
         rollout=roles.rollout, verifier=roles.verifier, dataset=job.dataset, sampler=job.sampler,
         batch_size=cfg.trainer.batch_size, sampling=sampling_of(cfg),
         seed_of=lambda rnd, engine: rollout_seed(cfg.trainer.seed, step, rnd, engine),
-        multiple_of=cfg.cluster.policy_world_size, timer=timer,
+        multiple_of=cfg.cluster.policy_world_size, timer=timer, recovery=job.recovery,
     )
     if cfg.rollout.enable_sleep_mode:  # colocated: free the engines' GPU memory while training
         with timer("engine_sleep"):
@@ -115,20 +136,22 @@ def step_timing(timer: StageTimer, step_s: float, batch: Batch, metrics: dict[st
     return out
 
 
-def train_step(job: Job, step: int) -> dict[str, float]:
+def train_step(job: Job, step: int, stop: Preemption | None = None) -> dict[str, float]:
+    """One RL step; under preemption its stages 1-5 (no actor state changes) may be abandoned."""
     cfg, roles, k = job.cfg, job.roles, job.cfg.rollout.n
     timer = StageTimer()
     t_step = time.perf_counter()
-    # 1-3. generate -> verify -> filter
-    batch, metrics = rollout_stage(job, step, timer)
-    # 4. old log-probs from the trainer; their gap to the engine's is the weight-sync health check
-    with timer("old_logprob"):
-        batch = batch.replace(old_logp=sharded_logprobs(roles.policy, batch, k, timer, "old_logprob"))
-    metrics["rollout/logprob_gap"] = logprob_gap(batch.rollout_logp, batch.old_logp, batch.response_mask)
-    # 5. reference log-probs, only for a KL term
-    if roles.reference is not None:
-        with timer("ref_logprob"):
-            batch = batch.replace(ref_logp=sharded_logprobs(roles.reference, batch, k, timer, "ref_logprob"))
+    with stop.abandonable() if stop is not None else contextlib.nullcontext():
+        # 1-3. generate -> verify -> filter
+        batch, metrics = rollout_stage(job, step, timer)
+        # 4. old log-probs from the trainer; their gap to the engine's is the weight-sync health check
+        with timer("old_logprob"):
+            batch = batch.replace(old_logp=sharded_logprobs(roles.policy, batch, k, timer, "old_logprob"))
+        metrics["rollout/logprob_gap"] = logprob_gap(batch.rollout_logp, batch.old_logp, batch.response_mask)
+        # 5. reference log-probs, only for a KL term
+        if roles.reference is not None:
+            with timer("ref_logprob"):
+                batch = batch.replace(ref_logp=sharded_logprobs(roles.reference, batch, k, timer, "ref_logprob"))
     # 6. implicit PRM: online update from the verifier outcomes, then token rewards
     process_rewards = None
     if roles.prm is not None:
@@ -166,13 +189,20 @@ def save(job: Job, step: int) -> str:
     return save_checkpoint(ckpt_root(job), step, writers, state, keep_last=job.cfg.trainer.keep_last)
 
 
-def restore(job: Job) -> int:
-    """Load the checkpoint `trainer.resume` names; returns the step it ended at (0 when starting fresh)."""
-    resume, roles = job.cfg.trainer.resume, job.roles
+def resume_point(job: Job) -> str | None:
+    """The checkpoint `trainer.resume` names (None: start from step 0)."""
+    resume = job.cfg.trainer.resume
     if resume == "none":
-        return 0
-    path = find_latest(ckpt_root(job)) if resume == "auto" else resume
+        return None
+    return find_latest(ckpt_root(job)) if resume == "auto" else os.path.abspath(resume)  # actors may start elsewhere
+
+
+def restore(job: Job, path: str | None) -> int:
+    """Load checkpoint `path` into the actors and the driver (None: the state of step 0); returns its step."""
+    roles = job.roles
+    job.checkpoint = path
     if path is None:
+        job.reset_driver_state()
         return 0
     state = load_state(path)
     roles.policy.call(lambda a, r: a.load_checkpoint.remote(os.path.join(path, "policy")))
@@ -182,6 +212,14 @@ def restore(job: Job) -> int:
     load_rng_state(path)
     log.info("resumed from %s at step %d", path, state["step"])
     return int(state["step"])
+
+
+def ready_engines(job: Job, start: int) -> None:
+    """Bring freshly built engines to the policy's weights before the first step: resumed, they hold
+    the initial weights; with sleep mode they have slept since the trainers were built (the sync
+    wakes them in the low-peak order of `sync_stage`)."""
+    if start or job.cfg.rollout.enable_sleep_mode:
+        sync_stage(job, StageTimer())
 
 
 def save_final(group, final: str) -> None:
@@ -199,38 +237,137 @@ def save_final(group, final: str) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def train_loop(job: Job, logger: MetricsLogger, start: int) -> None:
+def eval_due(cfg: Config, step: int) -> bool:
+    """Held-out evaluation before the first step (step 0), every `trainer.eval_every` steps and after the last."""
+    t = cfg.trainer
+    return bool(t.eval_every) and (step % t.eval_every == 0 or step == t.total_steps)
+
+
+def save_due(cfg: Config, step: int) -> bool:
+    t = cfg.trainer
+    return bool(t.save_every and step % t.save_every == 0) or step == t.total_steps
+
+
+def timed_save(job: Job, step: int, stop: Preemption) -> None:
+    t0 = time.perf_counter()
+    job.checkpoint = save(job, step)
+    stop.save_estimate_s = time.perf_counter() - t0
+
+
+def checked_step(job: Job, step: int, stop: Preemption) -> dict[str, float] | None:
+    """A step's metrics (with its evaluation and `faults/*`), or None when preemption abandoned it
+    (the sampler and RNG are then back at the step's start, so the previous step can be saved)."""
+    sampler_state, rng = job.sampler.state_dict(), rng_state()
+    try:
+        metrics = train_step(job, step, stop)
+    except StepAbandoned as e:
+        job.sampler.load_state_dict(sampler_state)
+        set_rng_state(rng)
+        job.recovery.take_metrics()
+        log.warning("step %d abandoned: %s", step, e)
+        return None
+    if eval_due(job.cfg, step):
+        metrics |= run_eval(job.cfg, job.eval_problems, job.roles, job.tokenizer, job.recovery)
+    if stop.save_estimate_s is not None:
+        metrics["timing/last_checkpoint"] = stop.save_estimate_s  # the latest save (this step's comes after its line)
+    return metrics | job.recovery.take_metrics()
+
+
+def stop_preempted(job: Job, logger: MetricsLogger, step: int, stop: Preemption) -> bool:
+    """Checkpoint `step` (unless it is the newest checkpoint already) and end the loop."""
+    newest = int(load_state(job.checkpoint)["step"]) if job.checkpoint else 0
+    if step > newest:
+        timed_save(job, step, stop)
+    logger.event(step, "preempted", checkpoint=job.checkpoint)
+    log.warning("preempted: stopped after step %d with checkpoint %s; the same command resumes the run",
+                step, job.checkpoint)
+    return False
+
+
+def train_loop(job: Job, logger: MetricsLogger, start: int, stop: Preemption) -> bool:
+    """Steps `start + 1 ..`; each step's line is logged before its checkpoint is written. True when
+    the run finished, False when preemption stopped it."""
     t = job.cfg.trainer
+    if start == 0 and eval_due(job.cfg, 0):
+        logger.log(0, run_eval(job.cfg, job.eval_problems, job.roles, job.tokenizer, job.recovery))
     for step in range(start + 1, t.total_steps + 1):
-        metrics = train_step(job, step)
-        if (t.save_every and step % t.save_every == 0) or step == t.total_steps:
-            t0 = time.perf_counter()
-            save(job, step)
-            metrics["timing/checkpoint"] = time.perf_counter() - t0
+        metrics = None if stop.requested else checked_step(job, step, stop)
+        if metrics is None:
+            return stop_preempted(job, logger, step - 1, stop)
         logger.log(step, metrics)
+        if save_due(job.cfg, step) or stop.requested:
+            timed_save(job, step, stop)
     save_final(job.roles.policy, os.path.join(job.run_dir, "final_policy"))
     if job.roles.prm is not None:
         save_final(job.roles.prm, os.path.join(job.run_dir, "final_prm"))
+    return True
+
+
+def restart_job(job: Job, logger: MetricsLogger, number: int, cause: str) -> int:
+    """Rebuild the actor groups and resume from this run's newest checkpoint; returns its step."""
+    path = job.checkpoint
+    log.warning("restart %d/%d of the job from %s; cause: %s", number, job.cfg.trainer.max_restarts,
+                path or "step 0", cause)
+    logger.event(int(load_state(path)["step"]) if path else 0, "restart", number=number, cause=cause,
+                 checkpoint=path)
+    job.rebuild_roles()
+    start = restore(job, path)
+    ready_engines(job, start)
+    logger.rewind(start)
+    job.recovery.take_metrics()
+    job.recovery.counts["faults/job_restarts"] = float(number)
+    return start
+
+
+def train_with_restarts(job: Job, logger: MetricsLogger, start: int, stop: Preemption) -> bool:
+    """`train_loop`, restarted in-process from the last checkpoint after a lost rank, node or actor,
+    up to `trainer.max_restarts` times."""
+    restarts, cause = 0, None
+    while True:
+        try:
+            if cause is not None:
+                start = restart_job(job, logger, restarts, cause)
+            return train_loop(job, logger, start, stop)
+        except Exception as e:
+            cause = loss_cause(e, job.roles.groups())
+            if cause is None:
+                raise
+            if restarts >= job.cfg.trainer.max_restarts:
+                raise JobLost(f"the job was lost {restarts + 1} time(s), more than trainer.max_restarts="
+                              f"{job.cfg.trainer.max_restarts}; last cause: {cause}") from e
+            restarts += 1
+
+
+def open_logger(job: Job, start: int) -> MetricsLogger:
+    cfg, lg = job.cfg, job.cfg.logging
+    return MetricsLogger(job.run_dir, to_dict(cfg), wandb_mode=lg.wandb_mode, project=lg.wandb_project,
+                         entity=lg.wandb_entity, run_name=cfg.trainer.run_name, total_steps=cfg.trainer.total_steps,
+                         start_step=start, progress_bar=lg.progress_bar, fresh=cfg.trainer.resume == "none")
 
 
 def run(cfg: Config) -> str:
-    """Run a whole training job; returns the run folder."""
+    """Run a whole training job (or until preemption); returns the run folder."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    job = start_job(cfg)
-    logger = None
+    stop = Preemption(cfg.trainer.preempt_grace_s)
+    stop.install()
+    job = logger = None
     try:
-        start = restore(job)
-        if start or cfg.rollout.enable_sleep_mode:
-            # Resumed: the engines started from the initial weights. Colocated: they have slept
-            # since the trainers were built.
-            sync_stage(job, StageTimer())
-        lg = cfg.logging
-        logger = MetricsLogger(job.run_dir, to_dict(cfg), wandb_mode=lg.wandb_mode, project=lg.wandb_project,
-                               entity=lg.wandb_entity, run_name=cfg.trainer.run_name,
-                               total_steps=cfg.trainer.total_steps, start_step=start, progress_bar=lg.progress_bar)
-        train_loop(job, logger, start)
+        job = start_job(cfg, after_ray=stop.install)  # Ray puts in its own SIGTERM handler
+        with open(os.path.join(job.run_dir, PID_FILE), "w") as f:  # whom a preStop hook signals
+            f.write(f"{os.getpid()}\n")
+        removed = remove_leftovers(ckpt_root(job))
+        if removed:
+            log.info("removed what interrupted saves left: %s", ", ".join(removed))
+        start = restore(job, resume_point(job))
+        ready_engines(job, start)
+        logger = open_logger(job, start)
+        train_with_restarts(job, logger, start, stop)
     finally:
+        stop.uninstall()
         if logger is not None:
             logger.close()
-        job.shutdown()
+        if job is not None:
+            job.shutdown(timeout_s=5.0 if stop.requested else 60.0)
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(job.run_dir, PID_FILE))
     return job.run_dir

@@ -23,13 +23,42 @@ from typing import Any, Literal
 import yaml
 
 
-class ConfigError(ValueError):
+class UserError(ValueError):
+    """Bad input from the person running a command (config, data, paths, disk space): the command
+    prints the one-line message and exits 2, with no traceback unless `--debug` is given."""
+
+
+class ConfigError(UserError):
     """A configuration value or key is invalid; the message says which and what would be valid."""
 
 
 # --------------------------------------------------------------------------------------------------
 # Sections
 # --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelShapeConfig:
+    """The model's shape, for `prime plan`'s memory estimate when `model.path` has no readable config.json.
+
+    All zero (the default): read it from `model.path` (a local folder, the local hub cache, or the
+    built-in table of known checkpoints in `prime/models/memory.py`). Set every size to give it by hand.
+    """
+
+    hidden_size: int = 0
+    """Width of the residual stream (HF `hidden_size`)."""
+    num_layers: int = 0
+    """Decoder layers (HF `num_hidden_layers`)."""
+    num_heads: int = 0
+    """Attention heads (HF `num_attention_heads`)."""
+    num_kv_heads: int = 0
+    """Key/value heads of grouped-query attention (HF `num_key_value_heads`)."""
+    intermediate_size: int = 0
+    """Width of the MLP (HF `intermediate_size`)."""
+    vocab_size: int = 0
+    """Rows of the embedding table (HF `vocab_size`)."""
+    tie_word_embeddings: bool = False
+    """The LM head shares the embedding's weights (HF `tie_word_embeddings`)."""
 
 
 @dataclass
@@ -41,14 +70,16 @@ class ModelConfig:
     tiny_preset: Literal["tiny", "small"] = "tiny"
     """Which locally built model to use when `path` is empty (CPU demo and tests)."""
     warm_start_steps: int = 0
-    """Supervised steps on the synthetic arithmetic task applied to the locally built model before RL,
+    """Supervised steps on the synthetic task (`data.synthetic`) applied to the locally built model before RL,
     so the demo starts, like PRIME, from an SFT model (0: start from random weights)."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Weights dtype for training and rollout (fp32 on CPU; bf16 on GPUs)."""
     trust_remote_code: bool = False
     """Let transformers and vLLM run the modelling code a hub checkpoint ships (needed by some models)."""
     gradient_checkpointing: bool = False
-    """Recompute activations in the policy's backward pass: less memory for one more forward."""
+    """Recompute activations in the policy's and the PRM's backward pass: less memory for one more forward."""
+    shape: ModelShapeConfig = field(default_factory=ModelShapeConfig)
+    """Sizes of `path` for the memory plan; zeros mean "read them from the checkpoint"."""
 
 
 @dataclass
@@ -57,12 +88,19 @@ class DataConfig:
 
     train_files: list[str] = field(default_factory=list)
     """Parquet/jsonl files or `save_to_disk` folders. Empty: generate the synthetic set below."""
-    synthetic: Literal["arith", "code", "none"] = "arith"
-    """Bundled synthetic task used when `train_files` is empty."""
+    synthetic: Literal["arith", "arith_chain", "code", "none"] = "arith"
+    """Bundled synthetic task used when `train_files` is empty: `arith` (7+5), `arith_chain` (3+5+2-4 with
+    worked solutions, train/test splits disjoint by expression), `code` (stdin/stdout programs)."""
     synthetic_size: int = 512
-    """Rows of the synthetic task."""
+    """Rows of the synthetic task's training split."""
+    synthetic_eval_size: int = 0
+    """Rows of the synthetic task's held-out split (no problem shared with training), evaluated when
+    `data.eval_files` is empty; 0: none."""
     max_prompt_len: int = 1024
     """Prompts longer than this (in tokens, after the chat template) are dropped and counted."""
+    eval_files: list[str] = field(default_factory=list)
+    """Held-out sets evaluated every `trainer.eval_every` steps: parquet/jsonl files or folders, one
+    dataset each (or one per data_source when a file mixes sources)."""
     system_prompt: str | None = None
     """A system message put before every prompt (None: the rows' own messages only)."""
     shuffle: bool = True
@@ -144,15 +182,14 @@ class PRMConfig:
     """Responses per PRM optimizer step; 0 means a quarter of the batch (4 steps per RL step)."""
     zero_stage: int = 2
     """DeepSpeed ZeRO stage of the PRM."""
+    offload_optimizer: bool = False
+    """Keep the PRM's optimizer states and gradient partitions on the host (GPU runs; ZeRO stage >= 1)."""
+    offload_params: bool = False
+    """Keep the PRM's parameter partitions on the host between uses (GPU runs; needs ZeRO stage 3)."""
     max_tokens_per_micro_batch: int = 16384
     """Budget on rows x longest row of one PRM forward/backward."""
     gradient_checkpointing: bool = False
     """Recompute activations in the PRM's backward pass: less memory for one more forward."""
-    offload_optimizer: bool = False
-    """Keep the PRM's optimizer states on the host (GPU runs)."""
-    offload_params: bool = False
-    """Keep the PRM's ZeRO-3 weight partitions on the host, fetched layer by layer (GPU runs;
-    needs prm.zero_stage=3)."""
     ref_placement: Literal["replicated", "sharded", "offload"] = "replicated"
     """Where the frozen reference lives (prm.ref=frozen): a whole copy on every PRM rank's device,
     ZeRO-3 partitions over the PRM ranks (1/world each, gathered layer by layer per forward), or
@@ -226,10 +263,9 @@ class ActorConfig:
     zero_stage: int = 2
     """DeepSpeed ZeRO stage of the policy."""
     offload_optimizer: bool = False
-    """Keep the policy's optimizer states on the host (GPU runs)."""
+    """Keep the policy's optimizer states and gradient partitions on the host (GPU runs; ZeRO stage >= 1)."""
     offload_params: bool = False
-    """Keep the policy's ZeRO-3 weight partitions on the host, fetched layer by layer (GPU runs;
-    needs actor.zero_stage=3)."""
+    """Keep the policy's parameter partitions on the host between uses (GPU runs; needs ZeRO stage 3)."""
     clip_low: float = 0.2
     """PPO clip range below 1 (ratio >= 1 - clip_low)."""
     clip_high: float = 0.2
@@ -245,6 +281,28 @@ class ActorConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Held-out evaluation during training (docs/algorithms.md section 8); also the defaults of `prime eval`."""
+
+    n: int = 4
+    """Sampled responses per problem (pass@k, maj@k and the PRM metrics use them)."""
+    ks: list[int] = field(default_factory=lambda: [1, 4])
+    """The k of pass@k and maj@k; each at most `n`."""
+    temperature: float = 0.6
+    """Sampling temperature of the n responses (greedy pass@1 decodes one more at temperature 0)."""
+    top_p: float = 1.0
+    """Nucleus of the sampled responses."""
+    greedy: bool = True
+    """Also decode one greedy response per problem, for greedy pass@1."""
+    max_new_tokens: int = 0
+    """Response budget; 0 uses rollout.max_response_len."""
+    limit: int = 0
+    """Problems per dataset (the first ones); 0 evaluates them all."""
+    batch_size: int = 64
+    """Prompts per generation call."""
+
+
+@dataclass
 class TrainerConfig:
     """The driver loop: steps, batch, checkpoints, resume."""
 
@@ -254,6 +312,9 @@ class TrainerConfig:
     """Prompts per step (each with rollout.n responses) after filtering."""
     save_every: int = 50
     """Checkpoint every N steps (0: only the final one)."""
+    eval_every: int = 0
+    """Evaluate the policy on `data.eval_files` before the first step, every N steps and after the
+    last (0: never)."""
     keep_last: int = 2
     """Complete checkpoints kept on disk; older ones are deleted after each save."""
     resume: str = "auto"
@@ -266,6 +327,17 @@ class TrainerConfig:
     """Seed of everything random in the run: prompt order, sampling, model building."""
     device: Literal["cpu", "cuda"] = "cpu"
     """Where the trainers and engines compute."""
+    actor_max_restarts: int = 3
+    """Times Ray restarts each verifier and rollout actor that dies; the dead actor's share of the
+    step is retried on the restarted actor (counted in `faults/*`). 0: a dead actor restarts the job."""
+    max_restarts: int = 2
+    """In-process restarts of the job from its last checkpoint after a training rank, a node, or an
+    actor past its own restarts is lost (the actor groups are torn down and rebuilt); 0: the run
+    ends at the first such loss."""
+    preempt_grace_s: float = 300.0
+    """After SIGTERM (preemption): seconds within which the driver finishes the current step (or
+    abandons it, if its update has not begun), writes a checkpoint and exits 0. Keep it below the
+    scheduler's own grace (SLURM `--signal`, Kubernetes `terminationGracePeriodSeconds`)."""
 
 
 @dataclass
@@ -310,6 +382,17 @@ class ClusterConfig:
     offload_trainers: bool = False
     """Move the policy's and the PRM's states (weights, gradients, optimizer) to host memory while
     the engines generate, back on the next update (colocated GPUs; needs ZeRO stage >= 1)."""
+    nodes: int = 1
+    """Nodes the job's GPU actors are spread over (data-parallel ranks and engines are balanced across them)."""
+    gpus_per_node: int = 8
+    """GPUs of each node (with trainer.device=cpu: device slots, each a bundle of CPUs, placed the same way)."""
+    gpu_memory_gib: float = 80.0
+    """Memory of one GPU, GiB; `prime plan` and `prime train` refuse a job whose estimate exceeds it."""
+    placement_timeout_s: float = 300.0
+    """Seconds to wait for Ray to reserve a placement group before the run ends with what was missing."""
+    ship_code: bool = True
+    """On a cluster address, send this checkout's prime/, workers/ and launch/ to every node through Ray's
+    runtime_env (py_modules); false: every node must already run the same code (checked at start)."""
 
 
 @dataclass
@@ -325,6 +408,7 @@ class Config:
     filter: FilterConfig = field(default_factory=FilterConfig)
     actor: ActorConfig = field(default_factory=ActorConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
@@ -463,7 +547,10 @@ def load_yaml(path: str) -> dict:
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"config file {path} is not valid YAML{where}: {problem}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -527,6 +614,8 @@ def validate(cfg: Config) -> None:
         "trainer.keep_last": cfg.trainer.keep_last,
         "rollout.cpu_kv_cache_gib": cfg.rollout.cpu_kv_cache_gib,
         "cluster.weight_sync_bucket_mb": cfg.cluster.weight_sync_bucket_mb,
+        "cluster.nodes": cfg.cluster.nodes,
+        "cluster.gpus_per_node": cfg.cluster.gpus_per_node,
     }
     for key, v in positive_ints.items():
         need(v >= 1, f"{key} must be >= 1, got {v}")
@@ -543,10 +632,16 @@ def validate(cfg: Config) -> None:
         "prm.mini_batch_size": cfg.prm.mini_batch_size,
         "actor.lr_warmup_steps": cfg.actor.lr_warmup_steps,
         "cluster.num_cpus": cfg.cluster.num_cpus,
+        "trainer.actor_max_restarts": cfg.trainer.actor_max_restarts,
+        "trainer.max_restarts": cfg.trainer.max_restarts,
         "data.synthetic_size": cfg.data.synthetic_size,
+        "data.synthetic_eval_size": cfg.data.synthetic_eval_size,
     }.items():
         need(v >= 0, f"{key} must be >= 0, got {v}")
     for key, v in {"actor.lr": cfg.actor.lr, "prm.lr": cfg.prm.lr}.items():
+        need(v > 0, f"{key} must be > 0, got {v}")
+    for key, v in {"cluster.gpu_memory_gib": cfg.cluster.gpu_memory_gib,
+                   "cluster.placement_timeout_s": cfg.cluster.placement_timeout_s}.items():
         need(v > 0, f"{key} must be > 0, got {v}")
     need(cfg.rollout.temperature > 0, f"rollout.temperature must be > 0, got {cfg.rollout.temperature}")
     need(0 < cfg.rollout.top_p <= 1, f"rollout.top_p must be in (0, 1], got {cfg.rollout.top_p}")
@@ -558,6 +653,14 @@ def validate(cfg: Config) -> None:
         stage = cfg.actor.zero_stage if key.startswith("actor") else cfg.prm.zero_stage
         need(stage in (0, 1, 2, 3), f"{key} must be 0, 1, 2 or 3, got {stage}")
     _validate_memory(cfg, need)
+
+    _validate_offload_and_shape(cfg)
+    if cfg.rollout.tensor_parallel_size > 1:
+        need(
+            cfg.rollout.engine == "vllm" and cfg.trainer.device == "cuda",
+            f"rollout.tensor_parallel_size={cfg.rollout.tensor_parallel_size} splits a vLLM engine over GPUs, so it "
+            f"needs rollout.engine=vllm and trainer.device=cuda (got {cfg.rollout.engine}, {cfg.trainer.device})",
+        )
 
     # Group-relative estimators need at least two responses per prompt.
     if cfg.algo.name in _GROUP_SIZE_ALGOS:
@@ -611,18 +714,17 @@ def validate(cfg: Config) -> None:
     if not cfg.data.train_files:
         need(
             cfg.data.synthetic != "none",
-            "data.train_files is empty and data.synthetic=none: give training files or a synthetic task (arith, code)",
+            "data.train_files is empty and data.synthetic=none: give training files or a synthetic task (arith, arith_chain, code)",
         )
+    need(cfg.trainer.preempt_grace_s > 0, f"trainer.preempt_grace_s must be > 0, got {cfg.trainer.preempt_grace_s}")
     need(cfg.trainer.resume != "", "trainer.resume must be auto, none or a checkpoint path, got ''")
+    _validate_eval(cfg, need)
 
 
 def _validate_memory(cfg: Config, need) -> None:
     """Offloading, reference placement and weight-sync settings that only work together."""
     for section in ("actor", "prm"):
         sec = getattr(cfg, section)
-        need(not sec.offload_params or sec.zero_stage == 3,
-             f"{section}.offload_params=true needs {section}.zero_stage=3 (only ZeRO-3 partitions the weights), "
-             f"got {section}.zero_stage={sec.zero_stage}")
         need(not cfg.cluster.offload_trainers or sec.zero_stage >= 1,
              f"cluster.offload_trainers=true needs ZeRO stage >= 1, got {section}.zero_stage={sec.zero_stage}")
     need(cfg.prm.ref_placement == "replicated" or cfg.prm.ref == "frozen",
@@ -636,3 +738,51 @@ def _validate_memory(cfg: Config, need) -> None:
              f"(got {cfg.rollout.tensor_parallel_size}); use cluster.weight_sync=broadcast otherwise")
         need(cfg.trainer.device == "cpu" or cfg.cluster.placement == "colocated",
              "cluster.weight_sync=ipc on GPUs needs cluster.placement=colocated (engine i on policy rank i's GPU)")
+
+
+def _validate_eval(cfg: Config, need) -> None:
+    e = cfg.eval
+    for key, v in {"eval.n": e.n, "eval.batch_size": e.batch_size}.items():
+        need(v >= 1, f"{key} must be >= 1, got {v}")
+    for key, v in {"eval.max_new_tokens": e.max_new_tokens, "eval.limit": e.limit,
+                   "trainer.eval_every": cfg.trainer.eval_every}.items():
+        need(v >= 0, f"{key} must be >= 0, got {v}")
+    need(bool(e.ks) and all(1 <= k <= e.n for k in e.ks),
+         f"eval.ks must be a non-empty list of k with 1 <= k <= eval.n ({e.n}), got {e.ks}")
+    need(e.temperature >= 0, f"eval.temperature must be >= 0 (0 = greedy), got {e.temperature}")
+    need(0 < e.top_p <= 1, f"eval.top_p must be in (0, 1], got {e.top_p}")
+    if cfg.trainer.eval_every:
+        need(bool(cfg.data.eval_files) or cfg.data.synthetic_eval_size > 0,
+             f"trainer.eval_every={cfg.trainer.eval_every} needs held-out data: set data.eval_files "
+             "(or a synthetic task's data.synthetic_eval_size)")
+    if not cfg.data.eval_files and cfg.data.synthetic_eval_size > 0:
+        need(cfg.data.synthetic == "arith_chain",
+             f"data.synthetic_eval_size={cfg.data.synthetic_eval_size} needs data.synthetic=arith_chain, the only "
+             f"bundled task with a held-out split disjoint from training (got {cfg.data.synthetic}); "
+             "or give data.eval_files")
+
+
+def _validate_offload_and_shape(cfg: Config) -> None:
+    """Offload flags need the ZeRO stage that partitions what they move; a model shape is all or nothing."""
+    for section, name in ((cfg.actor, "actor"), (cfg.prm, "prm")):
+        if section.offload_params and section.zero_stage != 3:
+            raise ConfigError(f"{name}.offload_params=true needs {name}.zero_stage=3 (DeepSpeed offloads only "
+                              f"partitioned parameters), got {name}.zero_stage={section.zero_stage}")
+        if section.offload_optimizer and section.zero_stage == 0:
+            raise ConfigError(f"{name}.offload_optimizer=true needs {name}.zero_stage >= 1, got 0")
+    shape = cfg.model.shape
+    sizes = {f.name: getattr(shape, f.name) for f in dataclasses.fields(shape) if f.name != "tie_word_embeddings"}
+    given = [k for k, v in sizes.items() if v]
+    if given and len(given) != len(sizes):
+        missing = [k for k in sizes if k not in given]
+        raise ConfigError(f"model.shape gives {', '.join(given)} but not {', '.join(missing)}: set every size, "
+                          f"or none to read them from model.path")
+    bad = [f"{k}={v}" for k, v in sizes.items() if v < 0]
+    if bad:
+        raise ConfigError(f"model.shape sizes must be >= 0, got {', '.join(bad)}")
+    if given and shape.hidden_size % shape.num_heads:
+        raise ConfigError(f"model.shape.hidden_size={shape.hidden_size} is not a multiple of "
+                          f"model.shape.num_heads={shape.num_heads}")
+    if given and shape.num_heads % shape.num_kv_heads:
+        raise ConfigError(f"model.shape.num_heads={shape.num_heads} is not a multiple of "
+                          f"model.shape.num_kv_heads={shape.num_kv_heads}")

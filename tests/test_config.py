@@ -75,6 +75,12 @@ BAD = [
                                                             "cluster.policy_world_size (1)"]),
     (["cluster.weight_sync=ipc", "trainer.device=cuda"], ["weight_sync=ipc", "cluster.placement=colocated"]),
     (["rollout.sleep_level=3"], ["rollout.sleep_level", "one of 1, 2"]),
+    (["prm.offload_optimizer=true", "prm.zero_stage=0"], ["prm.offload_optimizer=true needs prm.zero_stage >= 1"]),
+    (["rollout.tensor_parallel_size=2"], ["rollout.tensor_parallel_size=2", "trainer.device=cuda", "(got vllm, cpu)"]),
+    (["model.shape.hidden_size=64"], ["model.shape gives hidden_size but not num_layers"]),
+    (["cluster.gpu_memory_gib=0"], ["cluster.gpu_memory_gib must be > 0, got 0"]),
+    (["cluster.nodes=0"], ["cluster.nodes must be >= 1, got 0"]),
+    (["cluster.nodez=2"], ["did you mean 'cluster.nodes'"]),
 ]
 
 

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from prime.data.batch import Batch
+from workers import failpoints
 from workers.training import TrainingWorker, timed
 
 
@@ -19,4 +20,9 @@ class PRMWorker(TrainingWorker):
 
     def update_and_rewards(self, batch: Batch, mode: str) -> tuple[tuple[torch.Tensor, dict[str, float]], float]:
         """(token rewards [B, T], metrics) of this rank's shard, the PRM updated per `mode`, and the seconds spent."""
+        failpoints.reach("prm.update")
         return timed(lambda: self.prm.update_and_rewards(batch, mode))
+
+    def log_ratios(self, batch: Batch) -> tuple[torch.Tensor, float]:
+        """q [B, T] of this rank's shard under the current PRM (held-out scoring), and the seconds spent."""
+        return timed(lambda: self.prm.log_ratios(batch))

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from workers import failpoints
 from workers.group import node_ip
 
 
@@ -38,6 +39,7 @@ class RolloutWorker:
 
     def generate(self, prompt_ids: list[list[int]], n: int, max_new_tokens: int, temperature: float = 1.0,
                  top_p: float = 1.0, seed: int | None = None):
+        failpoints.reach("rollout.generate")
         t0 = time.perf_counter()
         out = self.engine.generate(prompt_ids, n=n, max_new_tokens=max_new_tokens, temperature=temperature,
                                    top_p=top_p, seed=seed)

@@ -15,15 +15,23 @@ import torch
 
 from prime.data.batch import Batch
 from prime.train.trainer import Trainer
+from workers import failpoints
 from workers.group import RankedWorker
 
 T = TypeVar("T")
 
 
 def timed(fn: Callable[[], T]) -> tuple[T, float]:
-    """`fn()` and its wall time in seconds."""
+    """`fn()` and its wall time in seconds.
+
+    On a GPU the call's cached blocks go back to the device afterwards: roles that share a GPU
+    (colocated placement) run one after another, and the memory plan (launch/plan.py) counts only the
+    working set of the role that computes.
+    """
     t0 = time.perf_counter()
     out = fn()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     return out, time.perf_counter() - t0
 
 
@@ -38,6 +46,7 @@ class TrainingWorker(RankedWorker):
 
     def update(self, batch: Batch) -> tuple[tuple[dict[str, float], torch.Tensor], float]:
         """One update on this rank's shard: (metrics, the update's own log-probs [B, T]) and the seconds spent."""
+        failpoints.reach(f"{type(self).__name__.removesuffix('Worker').lower()}.update")
         return timed(lambda: self.trainer.update(batch))
 
     def save_checkpoint(self, path: str) -> None:

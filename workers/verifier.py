@@ -10,6 +10,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from prime.verifiers.pool import VerifierPool
+from workers import failpoints
 
 
 class VerifierWorker:
@@ -20,6 +21,7 @@ class VerifierWorker:
 
     def score(self, items: Sequence[Mapping[str, Any]]) -> tuple[list[float], dict[str, float]]:
         """Scores in item order and `verify/*` metrics (see VerifierPool.score)."""
+        failpoints.reach("verifier.score")
         return self.pool.score(items)
 
     def shutdown(self) -> None:

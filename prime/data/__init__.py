@@ -7,6 +7,7 @@
 """
 
 from prime.data.dataset import (
+    DataError,
     PromptDataset,
     PromptItem,
     RowError,
@@ -17,6 +18,7 @@ from prime.data.dataset import (
 from prime.data.sampler import PromptSampler, epoch_permutation
 
 __all__ = [
+    "DataError",
     "PromptDataset",
     "PromptItem",
     "PromptSampler",

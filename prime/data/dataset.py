@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from prime.config import UserError
+
 logger = logging.getLogger("prime.data")
 
 PathLike = str | os.PathLike
@@ -119,6 +121,14 @@ class PromptDataset(Sequence[PromptItem]):
         return list(self._lengths)
 
 
+class DataError(UserError):
+    """A dataset cannot be read or holds a bad row; the message names the file (and row) and what is valid."""
+
+
+class DataNotFoundError(DataError, FileNotFoundError):
+    """A dataset path does not exist (or a folder holds no data files)."""
+
+
 # ----------------------------------------------------------------------------------------------
 # Reading rows
 # ----------------------------------------------------------------------------------------------
@@ -143,30 +153,31 @@ def read_rows(source: Source, split: str = "train") -> list[dict]:
             raise ValueError("no dataset source given: expected a path, a hub id or a list of them")
     rows: list[dict] = []
     for src in sources:
-        rows.extend(_read_one_source(src, split))
+        for _, part in read_rows_by_file(src, split):
+            rows.extend(part)
     return rows
 
 
-def _read_one_source(src: PathLike, split: str) -> list[dict]:
+def read_rows_by_file(src: PathLike, split: str = "train") -> list[tuple[str, list[dict]]]:
+    """The rows of one source, file by file: `(file, rows)` for each data file of a folder (in
+    sorted order), `(path, rows)` for a single file, a `save_to_disk` folder or a hub id; so
+    checks can name the file a bad row is in."""
     path = Path(src)
     if path.is_file():
-        return _read_file(path)
+        return [(str(path), _read_file(path))]
     if path.is_dir():
         if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
-            return _read_saved_dataset(path, split)
+            return [(str(path), _read_saved_dataset(path, split))]
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in FILE_SUFFIXES)
         if not files:
-            raise FileNotFoundError(
+            raise DataNotFoundError(
                 f"directory {str(path)!r} holds no {', '.join(FILE_SUFFIXES)} files and is not a "
                 "folder written by datasets' save_to_disk")
-        rows: list[dict] = []
-        for f in files:
-            rows.extend(_read_file(f))
-        return rows
+        return [(str(f), _read_file(f)) for f in files]
     text = os.fspath(src)
     if _looks_like_local_path(text):
-        raise FileNotFoundError(f"dataset path {text!r} does not exist")
-    return _read_hub_dataset(text, split)
+        raise DataNotFoundError(f"dataset path {text!r} does not exist")
+    return [(text, _read_hub_dataset(text, split))]
 
 
 def _looks_like_local_path(text: str) -> bool:
@@ -176,24 +187,34 @@ def _looks_like_local_path(text: str) -> bool:
 
 
 def _read_file(path: Path) -> list[dict]:
-    if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        return pq.read_table(path).to_pylist()
-    if path.suffix == ".jsonl":
-        return _read_file_as_jsonl(path)
-    if path.suffix == ".json":
-        with path.open(encoding="utf-8") as f:
-            text = f.read()
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError:
-            # Many ".json" dataset files are really JSON lines.
+    if path.suffix not in FILE_SUFFIXES:
+        raise DataError(f"unsupported dataset file {str(path)!r}: expected one of {', '.join(FILE_SUFFIXES)}")
+    try:
+        if path.suffix == ".parquet":
+            return _read_parquet(path)
+        if path.suffix == ".jsonl":
             return _read_file_as_jsonl(path)
-        if isinstance(data, list):
-            return data
-        raise ValueError(f"{path}: expected a JSON list of rows or JSON lines, got a {type(data).__name__}")
-    raise ValueError(f"unsupported dataset file {str(path)!r}: expected one of {', '.join(FILE_SUFFIXES)}")
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: cannot be read ({e})") from e
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        # Many ".json" dataset files are really JSON lines.
+        return _read_file_as_jsonl(path)
+    if isinstance(data, list):
+        return data
+    raise DataError(f"{path}: expected a JSON list of rows or JSON lines, got a {type(data).__name__}")
+
+
+def _read_parquet(path: Path) -> list[dict]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(path).to_pylist()
+    except (pa.ArrowException, OSError) as e:
+        raise DataError(f"{path}: not a readable parquet file ({str(e).splitlines()[0]})") from e
 
 
 def _read_file_as_jsonl(path: Path) -> list[dict]:
@@ -204,7 +225,8 @@ def _read_file_as_jsonl(path: Path) -> list[dict]:
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{line_no}: invalid JSON line ({e.msg})") from e
+            raise DataError(f"{path}:{line_no}: invalid JSON line ({e.msg}); each line must hold one row "
+                            "as a JSON object") from e
     return rows
 
 
@@ -214,7 +236,7 @@ def _read_saved_dataset(path: Path, split: str) -> list[dict]:
     ds = datasets.load_from_disk(str(path))
     if isinstance(ds, datasets.DatasetDict):
         if split not in ds:
-            raise ValueError(f"split {split!r} not in saved dataset {str(path)!r}; "
+            raise DataError(f"split {split!r} not in saved dataset {str(path)!r}; "
                              f"available splits: {sorted(ds.keys())}")
         ds = ds[split]
     return ds.to_list()
@@ -226,7 +248,7 @@ def _read_hub_dataset(name: str, split: str) -> list[dict]:
     try:
         ds = datasets.load_dataset(name, split=split)
     except Exception as e:  # network, auth or unknown-name errors: say what was tried
-        raise FileNotFoundError(
+        raise DataNotFoundError(
             f"{name!r} is not a local path and loading it as a hub dataset "
             f"(datasets.load_dataset({name!r}, split={split!r})) failed: {e}") from e
     return ds.to_list()
@@ -237,7 +259,7 @@ def _read_hub_dataset(name: str, split: str) -> list[dict]:
 # ----------------------------------------------------------------------------------------------
 
 
-class RowError(ValueError):
+class RowError(DataError):
     """A dataset row is missing a required field or has a malformed one."""
 
 
@@ -423,7 +445,7 @@ def load_prompt_dataset(
     """
     rows = read_rows(source, split=split)
     if not rows:
-        raise ValueError(f"dataset source {source!r} holds no rows")
+        raise DataError(f"dataset source {source!r} holds no rows")
     return build_prompt_dataset(rows, tokenizer, max_prompt_len=max_prompt_len,
                                 system_prompt=system_prompt, instruction_suffix=instruction_suffix,
                                 use_chat_template=use_chat_template, strict=strict)

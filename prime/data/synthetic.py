@@ -2,29 +2,38 @@
 
 - arithmetic: "Compute 7+5. Put the final answer in \\boxed{}." with ground truth "12"
   (ability "math", graded by the math verifier);
+- arithmetic chains: "Compute 3+5+2-4. ..." with ground truth "6" and a worked solution of one
+  step per line ("3+5=8\\n8+2=10\\n10-4=6\\n\\boxed{6}") for supervised warm starts; every
+  expression belongs to exactly one of the splits "train" and "test" (chosen by a hash of the
+  expression), so a held-out evaluation never sees a training instance while the one-step facts
+  (8+2=10) are shared;
 - code: tiny stdin/stdout programs ("read two integers and print their sum") with APPS-style
   tests {"inputs": [...], "outputs": [...]} stored as a JSON string (ability "code").
 
 Rows are a pure function of (n, seed, options); the writers pick parquet or jsonl by the file
-extension. Command line:
-
-    python -m prime.data.synthetic data/arith_train.parquet --n 256 --seed 0 --kind arith
+extension. Command line: `prime make-data OUT --kind arith_chain --split test --n 512`.
 """
 
 from __future__ import annotations
 
-import argparse
 import ast
+import functools
+import hashlib
+import itertools
 import json
 import operator
 import os
 import random
+import re
 from collections.abc import Callable, Sequence
 from fractions import Fraction
 from pathlib import Path
 
 ARITH_OPS = ("+", "-", "*", "/")
 ARITH_SOURCE = "synthetic/arith"
+CHAIN_SOURCE = "synthetic/arith_chain"
+CHAIN_OPS = ("+", "-")
+SPLITS = ("train", "test")
 CODE_SOURCE = "synthetic/code"
 ARITH_TEMPLATE = "Compute {expr}. Put the final answer in \\boxed{{}}."
 
@@ -116,6 +125,126 @@ def arithmetic_rows(
     return rows
 
 
+# Enumerating a split is cheap up to this many expressions (the default, 4 operands of 0..9 joined by
+# + or -, has 10**4 * 2**3 = 80,000).
+MAX_CHAIN_INSTANCES = 2_000_000
+_CHAIN_RE = re.compile(r"\d+(?:[+-]\d+)+")
+
+
+def chain_split(expr: str, test_fraction: float = 0.2) -> str:
+    """The split, "train" or "test", that an expression belongs to: a pure function of its text.
+
+    The first 8 bytes of the SHA-256 of the expression, read as a fraction of 2**64, below
+    `test_fraction` mean "test". A hash rather than a seeded draw, so that an expression's split
+    does not depend on the seed, on n or on which other rows a file holds: two files of different
+    splits can never share an instance.
+    """
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    u = int.from_bytes(hashlib.sha256(expr.encode("utf-8")).digest()[:8], "big") / 2**64
+    return "test" if u < test_fraction else "train"
+
+
+def chain_steps(expr: str) -> list[tuple[int, str, int, int]]:
+    """The left-to-right steps of a chain of + and -: (running value, op, operand, result) each.
+
+    "3+5+2-4" -> [(3, "+", 5, 8), (8, "+", 2, 10), (10, "-", 4, 6)]. With only + and -, left to
+    right is the usual precedence, so the last result is the value of the expression.
+    """
+    if not isinstance(expr, str) or not _CHAIN_RE.fullmatch(expr):
+        raise ValueError(f"expected a chain of non-negative integers joined by + or - "
+                         f"(e.g. '3+5+2-4'), got {expr!r}")
+    parts = re.findall(r"[+-]|\d+", expr)
+    value = int(parts[0])
+    steps = []
+    for op, operand in zip(parts[1::2], parts[2::2]):
+        result = value + int(operand) if op == "+" else value - int(operand)
+        steps.append((value, op, int(operand), result))
+        value = result
+    return steps
+
+
+def chain_solution(expr: str) -> str:
+    """The worked solution of a chain: one step per line, then the boxed value.
+
+    "3+5+2-4" -> "3+5=8\\n8+2=10\\n10-4=6\\n\\boxed{6}". One step per line, so that a
+    response's reasoning steps are its lines: the unit in which a process reward can say where a
+    chain went wrong.
+    """
+    steps = chain_steps(expr)
+    lines = [f"{a}{op}{b}={c}" for a, op, b, c in steps]
+    return "\n".join(lines + [f"\\boxed{{{steps[-1][3]}}}"])
+
+
+@functools.lru_cache(maxsize=8)
+def chain_expressions(split: str, max_operand: int = 9, num_terms: int = 4,
+                      test_fraction: float = 0.2) -> tuple[str, ...]:
+    """Every expression of a split, in enumeration order (operands first, then operators)."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
+    chain_split("0", test_fraction)  # validates test_fraction
+    total = (max_operand + 1) ** num_terms * len(CHAIN_OPS) ** (num_terms - 1)
+    if total > MAX_CHAIN_INSTANCES:
+        raise ValueError(f"max_operand={max_operand} and num_terms={num_terms} give {total} expressions, "
+                         f"more than the {MAX_CHAIN_INSTANCES} this generator enumerates; use fewer")
+    pool = []
+    for operands in itertools.product(range(max_operand + 1), repeat=num_terms):
+        for ops in itertools.product(CHAIN_OPS, repeat=num_terms - 1):
+            expr = str(operands[0]) + "".join(o + str(x) for o, x in zip(ops, operands[1:]))
+            if chain_split(expr, test_fraction) == split:
+                pool.append(expr)
+    return tuple(pool)
+
+
+def arith_chain_rows(
+    n: int,
+    split: str = "train",
+    seed: int = 0,
+    max_operand: int = 9,
+    num_terms: int = 4,
+    test_fraction: float = 0.2,
+    template: str = ARITH_TEMPLATE,
+) -> list[dict]:
+    """`n` distinct multi-step arithmetic prompts of one split, in the verl schema.
+
+    Args:
+        n: number of rows; distinct expressions, so at most the size of the split.
+        split: "train" or "test"; decided per expression by `chain_split`, so the splits are
+            disjoint whatever the seeds and sizes of the files drawn from them.
+        seed: which expressions of the split are drawn, and their order.
+        max_operand: operands are drawn from 0..max_operand.
+        num_terms: operands per expression (num_terms - 1 steps).
+        test_fraction: expected share of all expressions in the "test" split.
+        template: user message with an `{expr}` slot.
+
+    `extra_info` holds the split, the expression and its worked solution (`chain_solution`),
+    the supervised target of the warm start.
+    """
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    if max_operand < 1:
+        raise ValueError(f"max_operand must be >= 1, got {max_operand}")
+    if num_terms < 2:
+        raise ValueError(f"num_terms must be >= 2, got {num_terms}")
+    if "{expr}" not in template:
+        raise ValueError(f"template must contain '{{expr}}', got {template!r}")
+    pool = chain_expressions(split, max_operand, num_terms, float(test_fraction))
+    if n > len(pool):
+        raise ValueError(f"n={n} is more than the {len(pool)} distinct expressions of split {split!r} "
+                         f"(max_operand={max_operand}, num_terms={num_terms}, test_fraction={test_fraction})")
+    rows = []
+    for i, expr in enumerate(random.Random(seed).sample(pool, n)):
+        solution = chain_solution(expr)
+        rows.append({
+            "data_source": CHAIN_SOURCE,
+            "prompt": [{"role": "user", "content": template.format(expr=expr)}],
+            "ability": "math",
+            "reward_model": {"ground_truth": str(chain_steps(expr)[-1][3]), "style": "rule"},
+            "extra_info": {"index": i, "split": split, "expression": expr, "solution": solution},
+        })
+    return rows
+
+
 # Each code task: (statement, how to build one input from two ints, the expected output).
 _CODE_TASKS: dict[str, tuple[str, Callable[[int, int], str]]] = {
     "sum": ("Read two integers a and b from standard input (on one line, separated by a space) "
@@ -195,32 +324,37 @@ def make_arithmetic_dataset(out_path: str | os.PathLike, n: int, seed: int = 0, 
     return write_rows(arithmetic_rows(n, seed, max_operand, ops, num_terms), out_path)
 
 
+def make_arith_chain_dataset(out_path: str | os.PathLike, n: int, split: str = "train", seed: int = 0,
+                             max_operand: int = 9, num_terms: int = 4) -> Path:
+    """Write `arith_chain_rows(...)` of one split to `out_path` (.parquet or .jsonl) and return the path."""
+    return write_rows(arith_chain_rows(n, split, seed, max_operand, num_terms), out_path)
+
+
 def make_code_dataset(out_path: str | os.PathLike, n: int, seed: int = 0, num_tests: int = 3,
                       max_operand: int = 100) -> Path:
     """Write `code_rows(...)` to `out_path` (.parquet or .jsonl) and return the path."""
     return write_rows(code_rows(n, seed, num_tests, max_operand), out_path)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m prime.data.synthetic",
-                                     description="Write a synthetic RL prompt dataset (verl schema).")
-    parser.add_argument("out", help="output file, .parquet or .jsonl")
-    parser.add_argument("--n", type=int, default=256, help="number of rows")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--kind", choices=("arith", "code"), default="arith")
-    parser.add_argument("--max-operand", type=int, default=None,
-                        help="largest operand (default 10 for arith, 100 for code)")
-    parser.add_argument("--ops", default="+-*", help="arith operators, e.g. '+-*/'")
-    parser.add_argument("--num-terms", type=int, default=2, help="arith operands per expression")
-    parser.add_argument("--num-tests", type=int, default=3, help="code tests per task")
-    args = parser.parse_args(argv)
-    if args.kind == "arith":
-        path = make_arithmetic_dataset(args.out, args.n, args.seed, args.max_operand or 10,
-                                       tuple(args.ops), args.num_terms)
-    else:
-        path = make_code_dataset(args.out, args.n, args.seed, args.num_tests, args.max_operand or 100)
-    print(f"wrote {args.n} {args.kind} rows to {path}")
+SYNTHETIC_KINDS = ("arith", "arith_chain", "code")
 
 
-if __name__ == "__main__":
-    main()
+def make_synthetic_dataset(kind: str, out_path: str | os.PathLike, n: int, seed: int = 0,
+                           split: str = "train") -> Path:
+    """Write `n` rows of a bundled task with its default options (`data.synthetic`).
+
+    Only `arith_chain` has a held-out split disjoint from its training one (`chain_split`); the
+    other tasks have so few distinct problems (363 for `arith`) that a "test" file would repeat
+    training problems, so asking for one is an error rather than a leaky evaluation.
+    """
+    if kind not in SYNTHETIC_KINDS:
+        raise ValueError(f"unknown synthetic task {kind!r}; valid: {', '.join(SYNTHETIC_KINDS)}")
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if kind == "arith_chain":
+        return make_arith_chain_dataset(out_path, n, split, seed)
+    if split != "train":
+        raise ValueError(f"the synthetic task {kind!r} has no held-out split disjoint from training; "
+                         "use arith_chain (or give held-out files)")
+    make = make_arithmetic_dataset if kind == "arith" else make_code_dataset
+    return make(out_path, n, seed)

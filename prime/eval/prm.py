@@ -61,6 +61,34 @@ def check_same_vocab(tokenizer_a, tokenizer_b, name_a: str, name_b: str) -> None
         )
 
 
+class TokenPieces:
+    """Each token id decoded on its own (special tokens as empty text), cached per id: the text
+    `split_steps` cuts steps by (see the module docstring)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self._cache: dict[int, str] = {}
+
+    def __call__(self, token_ids: Sequence[int]) -> list[str]:
+        pieces = []
+        for t in token_ids:
+            if t not in self._cache:
+                self._cache[t] = self.tokenizer.decode([t], skip_special_tokens=True)
+            pieces.append(self._cache[t])
+        return pieces
+
+
+def prm_scores(log_ratios: Sequence[torch.Tensor], response_ids: Sequence[Sequence[int]], pieces: TokenPieces,
+               beta: float) -> list[PRMScore]:
+    """`PRMScore` of every response from its per-token log-ratios q (one [T_i] tensor each)."""
+    scores = []
+    for q, response in zip(log_ratios, response_ids):
+        step_ids = torch.tensor(split_steps(pieces(response)), dtype=torch.long)  # [T]
+        scores.append(PRMScore(sum=prm_sum_score(q, beta), min=prm_min_score(q, step_ids, beta),
+                               steps=step_rewards(q, step_ids, beta).tolist()))
+    return scores
+
+
 class ImplicitPRMScorer:
     """Per-token implicit process rewards of fixed responses (no grad, micro-batched).
 
@@ -86,7 +114,7 @@ class ImplicitPRMScorer:
         check_same_vocab(self.tokenizer, load_tokenizer(ref_path), f"PRM {prm_path!r}", f"reference {ref_path!r}")
         self.prm = load_model(prm_path, dtype=dtype, device=device)
         self.ref = load_model(ref_path, dtype=dtype, device=device)
-        self._pieces: dict[int, str] = {}
+        self.token_pieces = TokenPieces(self.tokenizer)
 
     @torch.no_grad()
     def log_ratios(self, prompt_ids: Sequence[list[int]], response_ids: Sequence[list[int]]) -> list[torch.Tensor]:
@@ -116,23 +144,6 @@ class ImplicitPRMScorer:
         q = (logp - ref_logp).float().cpu()  # [B, T], 0 on padding
         return [q[b, :len(r)] for b, r in enumerate(responses)]
 
-    def token_pieces(self, token_ids: Sequence[int]) -> list[str]:
-        """Each token decoded on its own (special tokens as empty text), cached per id."""
-        pieces = []
-        for t in token_ids:
-            if t not in self._pieces:
-                self._pieces[t] = self.tokenizer.decode([t], skip_special_tokens=True)
-            pieces.append(self._pieces[t])
-        return pieces
-
     def score(self, prompt_ids: Sequence[list[int]], response_ids: Sequence[list[int]]) -> list[PRMScore]:
         """`PRMScore` of every (prompt, response) pair, in input order."""
-        scores = []
-        for q, response in zip(self.log_ratios(prompt_ids, response_ids), response_ids):
-            step_ids = torch.tensor(split_steps(self.token_pieces(response)), dtype=torch.long)  # [T]
-            scores.append(PRMScore(
-                sum=prm_sum_score(q, self.beta),
-                min=prm_min_score(q, step_ids, self.beta),
-                steps=step_rewards(q, step_ids, self.beta).tolist(),
-            ))
-        return scores
+        return prm_scores(self.log_ratios(prompt_ids, response_ids), response_ids, self.token_pieces, self.beta)

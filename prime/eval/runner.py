@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from prime.config import EvalConfig
 from prime.data.dataset import build_prompt_dataset, read_rows
 from prime.eval import metrics as M
 from prime.rollout.base import Completion
@@ -75,6 +76,9 @@ class EvalProblem:
 class EvalSettings:
     """Sampling and metric settings of one evaluation.
 
+    Defaults are those of the config's `eval` section (`prime.config.EvalConfig`), except the
+    response budget, which a training run takes from its rollout settings.
+
     Attributes:
         n: samples per problem (pass@k, maj@k and the PRM metrics use them).
         ks: the k of pass@k and maj@k; each must be <= n.
@@ -86,14 +90,14 @@ class EvalSettings:
         batch_size: prompts per `engine.generate` call.
     """
 
-    n: int = 4
-    ks: tuple[int, ...] = (1, 4)
-    temperature: float = 0.6
-    top_p: float = 1.0
+    n: int = EvalConfig.n
+    ks: tuple[int, ...] = field(default_factory=lambda: tuple(EvalConfig().ks))
+    temperature: float = EvalConfig.temperature
+    top_p: float = EvalConfig.top_p
     max_new_tokens: int = 1024
-    greedy: bool = True
+    greedy: bool = EvalConfig.greedy
     seed: int = 0
-    batch_size: int = 64
+    batch_size: int = EvalConfig.batch_size
 
     def __post_init__(self) -> None:
         self.ks = tuple(int(k) for k in self.ks)

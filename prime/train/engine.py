@@ -144,10 +144,10 @@ class EngineSettings:
     grad_clip: global gradient-norm clip (<= 0 disables it).
     zero_stage: DeepSpeed ZeRO stage (0-3).
     offload_optimizer: optimizer states on the host (GPU only; on a CPU machine they are there already).
+    offload_params: ZeRO-3 parameter partitions on the host between uses (GPU only, stage 3).
     bf16: bf16 weights and compute (fp32 master weights inside DeepSpeed).
     lr_warmup_steps, lr_schedule, total_steps, min_lr_ratio: the schedule of `lr_factor`.
     gradient_checkpointing: recompute activations in backward (less memory, one more forward).
-    offload_params: ZeRO-3 parameter partitions on the host, fetched layer by layer (GPU only).
     """
 
     lr: float
@@ -157,13 +157,13 @@ class EngineSettings:
     grad_clip: float = 1.0
     zero_stage: int = 2
     offload_optimizer: bool = False
+    offload_params: bool = False
     bf16: bool = False
     lr_warmup_steps: int = 0
     lr_schedule: str = "constant"
     total_steps: int | None = None
     min_lr_ratio: float = 0.0
     gradient_checkpointing: bool = False
-    offload_params: bool = False
 
     def __post_init__(self) -> None:
         if self.zero_stage not in VALID_ZERO_STAGES:
@@ -298,29 +298,47 @@ def _fp32_states(engine) -> list[torch.Tensor]:
     return states
 
 
+def _params_offloaded(engine) -> bool:
+    """DeepSpeed keeps the parameter partitions on the host (`offload_param`, actor/prm.offload_params);
+    its `offload_states` then refuses to move anything."""
+    cfg = engine.zero_offload_param()
+    return cfg is not None and getattr(cfg.device, "value", cfg.device) not in (None, "none")
+
+
+def _offload_include(engine) -> list | None:
+    """The state kinds `engine.offload_states` should move (None: every kind). fp32 master weights and
+    Adam moments are left out when this module moves them itself or when DeepSpeed's CPU optimizer
+    (offload_optimizer) keeps them, and the gradient partitions too, on the host already."""
+    from deepspeed.runtime.zero.offload_config import OffloadStateTypeEnum as S
+
+    if engine.zero_use_cpu_optimizer():
+        return [S.lp_params, S.contiguous_grad_buffer] if engine.zero_optimization_stage() == 3 else [S.lp_params]
+    if _stage3_moves_own_fp32_states(engine):
+        return [S.lp_params, S.lp_grads, S.contiguous_grad_buffer]
+    return None
+
+
 def offload_engine_states(engine) -> None:
     """Move a ZeRO (stage 1-3) engine's states to pinned host memory: weights, gradients, fp32
     master weights and optimizer moments; `reload_engine_states` brings them back. Colocated
-    training frees the GPU this way while the rollout engines generate."""
-    from deepspeed.runtime.zero.offload_config import OffloadStateTypeEnum as S
-
+    training frees the GPU this way while the rollout engines generate. What DeepSpeed already
+    offloads (offload_params, offload_optimizer) stays where it is; with offload_params only the fp32
+    states this module moves itself can go (DeepSpeed refuses to move the rest)."""
     stage = engine.zero_optimization_stage()
     if stage == 0:
         raise ValueError("offloading a trainer's states needs ZeRO stage 1, 2 or 3, got zero_stage=0")
-    include = None
     if _stage3_moves_own_fp32_states(engine):
-        include = [S.lp_params, S.lp_grads, S.contiguous_grad_buffer]
         cache = engine.__dict__.setdefault("_prime_pinned", {})
         for t in _fp32_states(engine):
             _to_pinned_host(t, cache)
-    if engine.zero_offload_param() is not None and include is not None:
-        include.remove(S.lp_params)  # parameter offload keeps them on the host already
-    engine.offload_states(include=include)
+    if not _params_offloaded(engine):
+        engine.offload_states(include=_offload_include(engine))
 
 
 def reload_engine_states(engine) -> None:
     """Undo `offload_engine_states`."""
-    engine.reload_states()
+    if not _params_offloaded(engine):
+        engine.reload_states()
     if _stage3_moves_own_fp32_states(engine):
         for t in _fp32_states(engine):
             t.data = t.data.to(engine.device)

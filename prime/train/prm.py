@@ -22,12 +22,12 @@ from prime.algo.implicit_prm import GRANULARITIES, NORMS, batch_norm_scale, bett
 from prime.algo.implicit_prm import token_rewards as token_rewards_of
 from prime.data.batch import Batch
 from prime.models.loading import load_model
+from prime.models.memory import REF_PLACEMENTS
 from prime.train.engine import EngineSettings, all_reduce, build_frozen_engine, frozen_config
 from prime.train.losses import prm_loss
 from prime.train.trainer import EngineCaller, Trainer
 
 REFS = ("frozen", "policy")
-REF_PLACEMENTS = ("replicated", "sharded", "offload")
 UPDATE_MODES = ("before", "after", "none")
 
 
@@ -77,6 +77,11 @@ class ImplicitPRM:
             "prm/acc": float(t[0] / max(float(t[1]), 1.0)),
             "prm/rank_acc": float(t[2] / t[3]) if t[3] > 0 else float("nan"),
         }
+
+    def log_ratios(self, batch: Batch) -> torch.Tensor:
+        """q = log pi_prm - log pi_ref of every response token under the current PRM, no grad. # [B, T]"""
+        batch = self.with_reference(batch)
+        return (self.trainer.logprobs(batch) - batch.ref_logp) * batch.response_mask
 
     def update_and_rewards(self, batch: Batch, mode: str = "before") -> tuple[torch.Tensor, dict[str, float]]:
         """PRM update (per `mode`) and token rewards of the batch. Returns (rewards [B, T] CPU fp32,

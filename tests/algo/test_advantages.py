@@ -17,6 +17,9 @@ from prime.algo.advantages import (
     whiten,
 )
 
+# Tolerances: unless a line says otherwise, values are float64 and compared with assert_close's
+# float64 defaults (rtol 1e-7, atol 1e-7) or pytest.approx's (rel 1e-6): the expected values are
+# computed by hand, exactly, and the code's float64 arithmetic differs from them by a few ulps.
 D = torch.float64
 
 

@@ -13,6 +13,9 @@ from prime.algo.implicit_prm import (
     token_rewards,
 )
 
+# Tolerances: unless a line says otherwise, values are float64 and compared with assert_close's
+# float64 defaults (rtol 1e-7, atol 1e-7) or pytest.approx's (rel 1e-6): the expected values are
+# computed by hand, exactly, and the code's float64 arithmetic differs from them by a few ulps.
 D = torch.float64
 
 
@@ -43,6 +46,7 @@ def test_batch_norm(two_rows):
     assert batch_norm_scale(logp - ref, mask).item() == pytest.approx(4.0 + 1e-6)
     # beta cancels under batch_norm (up to the 1e-6): beta = 0.05 gives 0.05*q / (0.05*4 + 1e-6)
     r_small = token_rewards(logp, ref, mask, beta=0.05)
+    # 0.05 / (0.2 + 1e-6) vs 1 / (4 + 1e-6): the eps weighs 20x more, a relative change of ~5e-6.
     torch.testing.assert_close(r_small, expected, rtol=1e-5, atol=1e-5)
 
 

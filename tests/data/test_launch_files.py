@@ -86,7 +86,8 @@ def test_slurm_script_starts_head_workers_then_the_driver(stubs):
     for worker in ("n2", "n3"):
         assert any(c.startswith(f"srun {worker}:") and c.endswith("ray_worker.sh") for c in calls)
     assert sum(c.startswith("ray start --address=10.0.0.1:6379") for c in calls) == 2
-    assert calls[-1] == "prime train configs/x.yaml algo.name=grpo rollout.n=8 RAY_ADDRESS=10.0.0.1:6379"
+    assert calls[-1] == ("prime train configs/x.yaml cluster.nodes=3 algo.name=grpo rollout.n=8 "
+                         "RAY_ADDRESS=10.0.0.1:6379")
 
 
 def test_slurm_script_has_resource_lines():
@@ -100,6 +101,8 @@ def test_kuberay_manifest_parses_with_head_and_gpu_workers():
     assert doc["apiVersion"] == "ray.io/v1" and doc["kind"] == "RayJob"
     spec = doc["spec"]
     assert "prime train configs/prime_7b.yaml" in spec["entrypoint"]
+    # Two GPU worker pods: the job spreads over both and checkpoints to the volume every pod mounts.
+    assert "cluster.nodes=2" in spec["entrypoint"] and "trainer.output_dir=/checkpoints" in spec["entrypoint"]
     cluster = spec["rayClusterSpec"]
     head = cluster["headGroupSpec"]["template"]["spec"]["containers"][0]
     assert {p["containerPort"] for p in head["ports"]} == {6379, 8265, 10001}
@@ -112,3 +115,57 @@ def test_readme_lists_every_launcher():
     readme = (CLUSTER / "README.md").read_text()
     for name in SCRIPTS + ["kuberay_rayjob.yaml"]:
         assert f"`{name}`" in readme
+
+
+def _stub(bin_dir, name: str, body: str) -> None:
+    path = bin_dir / name
+    path.write_text(f"#!/usr/bin/env bash\n{body}\n")
+    path.chmod(path.stat().st_mode | stat.S_IXUSR)
+
+
+def test_slurm_script_passes_sigterm_to_the_driver_and_requeues(stubs, tmp_path):
+    """SLURM's `--signal=B:TERM@...` reaches the batch script; the driver must get it, and after the
+    driver's clean exit the job is requeued (a stub driver that exits 0 on SIGTERM stands in)."""
+    import signal
+    import time
+
+    env, log = stubs
+    bin_dir = tmp_path / "bin"
+    _stub(bin_dir, "prime", 'trap \'echo "prime got TERM" >> "$STUB_LOG"; kill $nap; exit 0\' TERM\n'
+                            'echo "prime $*" >> "$STUB_LOG"\nsleep 60 > /dev/null 2>&1 & nap=$!\nwait')
+    _stub(bin_dir, "scontrol", 'if [[ "$1" == requeue ]]; then echo "scontrol $*" >> "$STUB_LOG"; '
+                               'else printf "n1\\nn2\\nn3\\n"; fi')
+    env.update(SLURM_JOB_NODELIST="n[1-3]", SLURMD_NODENAME="n1", SLURM_SUBMIT_DIR=str(REPO), SLURM_JOB_ID="77",
+               CONFIG="configs/x.yaml")
+    proc = subprocess.Popen(["bash", str(CLUSTER / "slurm.sbatch")], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(300):
+            if log.exists() and "prime train" in log.read_text():
+                break
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    calls = log.read_text().splitlines()
+    assert proc.returncode == 0, err
+    assert "prime got TERM" in calls and calls[-1] == "scontrol requeue 77"
+    text = (CLUSTER / "slurm.sbatch").read_text()
+    assert "#SBATCH --signal=B:TERM@360" in text and "#SBATCH --requeue" in text
+
+
+def test_kuberay_head_gives_the_driver_its_grace_period():
+    from prime.config import TrainerConfig
+
+    doc = yaml.safe_load((CLUSTER / "kuberay_rayjob.yaml").read_text())
+    head = doc["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
+    # The pod's grace covers the driver's default preemption grace (300 s) with room to spare.
+    assert head["terminationGracePeriodSeconds"] > TrainerConfig().preempt_grace_s
+    hook = " ".join(head["containers"][0]["lifecycle"]["preStop"]["exec"]["command"])
+    # The driver writes driver.pid into <output_dir>/<run_name>: /checkpoints (entrypoint) / prime_7b (preset).
+    assert "trainer.output_dir=/checkpoints" in doc["spec"]["entrypoint"]
+    assert "/checkpoints/prime_7b/driver.pid" in hook and "kill -TERM" in hook
+    preset = yaml.safe_load((REPO / "configs" / "prime_7b.yaml").read_text())
+    assert preset["trainer"]["run_name"] == "prime_7b"

@@ -14,7 +14,7 @@ from prime.data.synthetic import (
     arithmetic_rows,
     code_rows,
     eval_arith,
-    main,
+    make_synthetic_dataset,
     make_arithmetic_dataset,
     make_code_dataset,
 )
@@ -126,8 +126,10 @@ def test_bad_output_suffix(tmp_path):
 
 def test_cli_writes_rows(tmp_path, capsys):
     out = tmp_path / "sub" / "train.jsonl"
-    main([str(out), "--n", "8", "--seed", "2", "--kind", "code"])
-    assert "wrote 8 code rows" in capsys.readouterr().out
+    from launch.cli import main
+
+    assert main(["make-data", str(out), "--n", "8", "--seed", "2", "--kind", "code"]) == 0
+    assert capsys.readouterr().out.strip() == str(out)
     assert read_rows(out) == code_rows(8, seed=2)
-    main([str(tmp_path / "a.parquet"), "--n", "5", "--ops", "+-"])
-    assert read_rows(tmp_path / "a.parquet") == arithmetic_rows(5, seed=0, ops=("+", "-"))
+    assert make_synthetic_dataset("arith", tmp_path / "a.parquet", n=5) == tmp_path / "a.parquet"
+    assert read_rows(tmp_path / "a.parquet") == arithmetic_rows(5, seed=0)

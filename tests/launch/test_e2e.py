@@ -24,14 +24,38 @@ COMMON_KEYS = {
 }
 
 
+PRESET = str(REPO / "configs" / "tiny_cpu.yaml")
+TINY = ("trainer.batch_size=2", "rollout.max_response_len=16", "logging.wandb_mode=offline", "logging.progress_bar=false",
+        "cluster.num_cpus=6", "data.synthetic_size=64", "filter.max_rounds=2", "model.warm_start_steps=0")
+
+
 def make_cfg(tmp_path, *overrides):
     from prime.config import build_config, load_yaml
 
-    return build_config(load_yaml(str(REPO / "configs" / "tiny_cpu.yaml")), [
-        f"trainer.output_dir={tmp_path}", "trainer.batch_size=2", "rollout.max_response_len=16",
-        "logging.wandb_mode=offline", "logging.progress_bar=false", "cluster.num_cpus=6",
-        "data.synthetic_size=64", "filter.max_rounds=2", "model.warm_start_steps=0", *overrides,
-    ])
+    return build_config(load_yaml(PRESET), [f"trainer.output_dir={tmp_path}", *TINY, *overrides])
+
+
+def train_argv(tmp_path, *overrides) -> list[str]:
+    """The arguments of `prime train` for the same shrunk preset as `make_cfg`."""
+    return ["train", PRESET, f"trainer.output_dir={tmp_path}", *TINY, *overrides]
+
+
+def eval_file(tmp_path) -> str:
+    """Eight held-out arithmetic rows (another seed than the training set's)."""
+    from prime.data.synthetic import arithmetic_rows, write_rows
+
+    return str(write_rows(arithmetic_rows(8, seed=123), tmp_path / "heldout.jsonl"))
+
+
+def check_eval(rows, steps, prm=False):
+    """Held-out metrics at step 0, at the evaluated steps and after the last."""
+    evaluated = [r["step"] for r in rows if "eval/heldout/greedy_pass@1" in r]
+    assert evaluated == steps, evaluated
+    row = rows[-1]
+    for key in ("eval/heldout/pass@1", "eval/heldout/pass@4", "eval/heldout/maj@4", "eval/heldout/mean_score"):
+        assert 0.0 <= row[key] <= 1.0, key
+    if prm:
+        assert 0.0 <= row["eval/heldout/prm_best_of_n_sum@4"] <= 1.0
 
 
 def read_metrics(run_dir):
@@ -58,12 +82,13 @@ def max_abs_change(a_dir, b_dir):
 
 
 def check_run(run_dir, steps, extra_keys=(), prm=False):
-    rows = read_metrics(run_dir)
+    rows = [r for r in read_metrics(run_dir) if r["step"] > 0]  # step 0 holds only the first evaluation
     assert [r["step"] for r in rows] == list(range(1, steps + 1))
     for r in rows:
         missing = (COMMON_KEYS | set(extra_keys)) - set(r)
         assert not missing, f"step {r['step']} lacks {sorted(missing)}"
-        # The engines' log-probs of what they sampled match the trainer's: weights are in sync.
+        # The engines' log-probs of what they sampled match the trainer's: weights are in sync. The
+        # mean gap is fp32 kernel rounding (~1e-7 here); a missed sync moves it above 1e-2.
         assert r["rollout/logprob_gap"] < 1e-3, r["rollout/logprob_gap"]
     init = os.path.join(run_dir, "init_model_tiny")
     assert max_abs_change(init, os.path.join(run_dir, "final_policy")) > 0, "policy weights did not change"
@@ -105,7 +130,7 @@ def test_prime_with_vllm_runs_checkpoints_and_resumes(tmp_path):
     run(cfg3)
     rows = read_metrics(run_dir)
     assert [r["step"] for r in rows] == [1, 2, 3]
-    assert rows[2]["rollout/logprob_gap"] < 1e-3
+    assert rows[2]["rollout/logprob_gap"] < 1e-3  # as in check_run
     state3 = json.loads(Path(find_latest(os.path.join(run_dir, "checkpoints")), "state.json").read_text())
     assert state3["step"] == 3
     assert state3["sampler"]["num_served"] > state["sampler"]["num_served"]
@@ -119,8 +144,12 @@ def test_grpo_and_gvpo_with_hf_engine(tmp_path, algo, sync, extra):
     from launch.train import run
 
     cfg = make_cfg(tmp_path, f"algo.name={algo}", "rollout.engine=hf", "trainer.total_steps=2",
-                   "trainer.save_every=2", f"trainer.run_name={algo}", f"cluster.weight_sync={sync}")
+                   "trainer.save_every=2", f"trainer.run_name={algo}", f"cluster.weight_sync={sync}",
+                   "trainer.eval_every=2", f"data.eval_files=[{eval_file(tmp_path)}]")
     run_dir = run(cfg)
+    rows = read_metrics(run_dir)
+    check_eval(rows, [0, 2])
+    assert rows[0]["step"] == 0  # the start point of the held-out curve
     check_run(run_dir, 2, extra_keys=extra | {"weight_sync/bytes"})
     assert not (Path(run_dir) / "final_prm").exists()  # no PRM outside PRIME
 
@@ -148,6 +177,9 @@ def test_prime_with_two_data_parallel_ranks(tmp_path):
 
     cfg = make_cfg(tmp_path, "algo.name=prime", "rollout.engine=hf", "trainer.total_steps=2",
                    "trainer.save_every=2", "trainer.run_name=dp2", "cluster.policy_world_size=2",
-                   "cluster.prm_world_size=2", "cluster.num_cpus=8")
+                   "cluster.prm_world_size=2", "cluster.num_cpus=8", "trainer.eval_every=5",
+                   f"data.eval_files=[{eval_file(tmp_path)}]")
     run_dir = run(cfg)
+    rows = read_metrics(run_dir)
+    check_eval(rows, [0, 2], prm=True)  # the PRM's 2 ranks score the held-out samples
     check_run(run_dir, 2, extra_keys={"prm/loss", "policy/clip_frac"}, prm=True)

@@ -5,7 +5,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from prime.models.tiny import build_tiny_model, build_tokenizer, main, tiny_model_preset
+from launch.cli import main
+from prime.models.tiny import build_tiny_model, build_tokenizer, tiny_model_preset
 
 
 def test_checkpoint_files_and_config(tiny_model_path):
@@ -112,9 +113,9 @@ def test_presets_and_bad_arguments(tmp_path):
 
 
 def test_cli_small_preset(tmp_path, capsys):
-    main([str(tmp_path / "small"), "--preset", "small"])
+    assert main(["build-tiny-model", str(tmp_path / "small"), "--preset", "small"]) == 0
     with open(tmp_path / "small" / "config.json") as f:
         cfg = json.load(f)
     assert (cfg["hidden_size"], cfg["num_hidden_layers"], cfg["num_attention_heads"]) == (512, 4, 8)
     assert cfg["num_key_value_heads"] == 2
-    assert "wrote" in capsys.readouterr().out
+    assert str(tmp_path / "small") in capsys.readouterr().out

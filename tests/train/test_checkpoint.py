@@ -4,12 +4,21 @@ from __future__ import annotations
 
 import os
 import random
+import subprocess
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
 import torch
 
-from prime.train.checkpoint import find_latest, load_rng_state, load_state, save_checkpoint
+from prime.train.checkpoint import (
+    DiskFullError,
+    find_latest,
+    load_rng_state,
+    load_state,
+    remove_leftovers,
+    save_checkpoint,
+)
 
 
 def _writer(text: str):
@@ -97,3 +106,81 @@ def test_state_must_be_json(tmp_path):
         save_checkpoint(str(tmp_path), 1, {}, {"bad": object()})
     assert find_latest(str(tmp_path)) is None
     assert [d for d in os.listdir(tmp_path) if d.startswith(".tmp")] == []
+
+
+def _tensor_writer(nbytes: int, calls: list | None = None):
+    """A writer saving `nbytes` of float32 with torch.save, as the trainers' checkpoints do."""
+
+    def write(path: str) -> None:
+        if calls is not None:
+            calls.append(path)
+        os.makedirs(path)
+        torch.save(torch.ones(nbytes // 4), os.path.join(path, "weights.pt"))
+
+    return write
+
+
+@contextmanager
+def small_disk(path, size: str):
+    """A tmpfs of `size` mounted at `path` (mounting needs root; the test is skipped otherwise)."""
+    os.makedirs(path, exist_ok=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        yield str(path)
+    finally:
+        # A failed torch.save's file stays open while its traceback is referenced: detach lazily then.
+        if subprocess.run(["umount", str(path)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(path)], check=True)
+
+
+def test_a_save_that_runs_out_of_space_says_so_and_keeps_the_previous_one(tmp_path):
+    with small_disk(tmp_path / "disk", "1m") as root:
+        first = save_checkpoint(root, 1, {"policy": _tensor_writer(300_000)}, {})
+        # 300 kB are kept and about 700 kB free, enough for the check against the previous size,
+        # but this save writes 2 MB: torch's writer fails midway ("unexpected pos").
+        with pytest.raises(DiskFullError) as err:
+            save_checkpoint(root, 2, {"policy": _tensor_writer(2_000_000)}, {})
+        msg = str(err.value)
+        assert f"under {root}: it ran out of space after writing" in msg and "0.0 MiB) free" in msg
+        assert "the previous checkpoint step_000001 is kept" in msg and "\n" not in msg
+        assert find_latest(root) == first and sorted(os.listdir(root)) == ["latest", "step_000001"]
+
+
+def test_a_save_is_refused_before_writing_when_the_previous_size_is_not_free(tmp_path):
+    with small_disk(tmp_path / "disk", "1m") as root:
+        first = save_checkpoint(root, 1, {"policy": _tensor_writer(600_000)}, {})
+        calls: list = []
+        with pytest.raises(DiskFullError, match=r"it needs about 6\d{5} bytes \(0.6 MiB\) \(the size of step_000001\)"):
+            save_checkpoint(root, 2, {"policy": _tensor_writer(600_000, calls)}, {}, keep_last=1)
+        assert calls == [] and find_latest(root) == first  # nothing written, the only checkpoint kept
+
+
+def test_a_short_disk_first_drops_what_rotation_would_drop(tmp_path):
+    with small_disk(tmp_path / "disk", "1m") as root:
+        for step in (1, 2):
+            save_checkpoint(root, step, {"policy": _tensor_writer(400_000)}, {}, keep_last=2)
+        # ~820 kB used, ~200 kB free: step 1 (which keep_last=2 drops after this save anyway) goes first.
+        save_checkpoint(root, 3, {"policy": _tensor_writer(400_000)}, {}, keep_last=2)
+        assert sorted(d for d in os.listdir(root) if d.startswith("step_")) == ["step_000002", "step_000003"]
+
+
+def test_rotation_never_deletes_the_checkpoint_just_written(tmp_path):
+    root = str(tmp_path)
+    save_checkpoint(root, 5, {}, {})
+    # Resumed from an earlier checkpoint: the new step 3 is kept, not the higher-numbered step 5.
+    newest = save_checkpoint(root, 3, {}, {}, keep_last=1)
+    assert sorted(d for d in os.listdir(root) if d.startswith("step_")) == ["step_000003"]
+    assert find_latest(root) == newest
+
+
+def test_remove_leftovers_of_interrupted_saves(tmp_path):
+    root = str(tmp_path)
+    save_checkpoint(root, 1, {}, {})
+    save_checkpoint(root, 2, {}, {})
+    os.makedirs(os.path.join(root, ".tmp-step_000003-4242", "policy"))  # a driver killed mid-save
+    os.remove(os.path.join(root, "step_000001", "COMPLETE"))  # a rotation cut short
+    os.rename(os.path.join(root, "step_000002"), os.path.join(root, ".old-step_000002-4242"))  # mid re-save
+    assert remove_leftovers(root) == [".tmp-step_000003-4242", "step_000001"]
+    assert sorted(os.listdir(root)) == ["latest", "step_000002"] and find_latest(root).endswith("step_000002")

@@ -60,7 +60,7 @@ def test_ppo_update_matches_algo_loss_and_changes_weights(make_batch, tiny_model
     assert metrics["policy/pg_loss"] == pytest.approx(float(expected), abs=1e-5)
     assert metrics["policy/clip_frac"] == pytest.approx(expected_m["policy/clip_frac"], abs=1e-6)  # a count ratio
     assert metrics["policy/approx_kl"] == pytest.approx(expected_m["policy/approx_kl"], abs=1e-5)  # as pg_loss
-    assert metrics["policy/num_steps"] == 1.0 and metrics["policy/lr"] == pytest.approx(1e-3)
+    assert metrics["policy/num_steps"] == 1.0 and metrics["policy/lr"] == pytest.approx(1e-3)  # lr x factor 1.0
     assert metrics["policy/grad_norm"] > 0 and metrics["policy/entropy"] > 0
     assert _max_diff(before, _params(tr)) > 1e-5
     assert torch.allclose(update_logp, logp, atol=1e-5)  # trimmed micro-batches vs one padded pass: fp32 rounding
@@ -97,7 +97,7 @@ def test_update_is_the_same_with_one_or_many_micro_batches(make_batch, tiny_mode
     assert m1["policy/num_steps"] == m2["policy/num_steps"] == 2.0
     # Partial sums in another order: a few fp32 ulps of losses of order 1.
     assert m1["policy/loss"] == pytest.approx(m2["policy/loss"], abs=1e-6)
-    assert m1["policy/grad_norm"] == pytest.approx(m2["policy/grad_norm"], rel=1e-5)
+    assert m1["policy/grad_norm"] == pytest.approx(m2["policy/grad_norm"], rel=1e-5)  # as the loss, relative
     # Weights of magnitude < 4 after two steps of at most lr / eps * |g| = 2e-2: float32 spacing
     # there is 2.4e-7, so two roundings apart at most 5e-7.
     assert _max_diff(_params(one), start) > 2e-5  # the updates moved the weights well past the tolerance
@@ -132,7 +132,7 @@ def test_checkpoint_round_trip_restores_weights_and_optimizer(make_batch, tiny_m
     # One more step on each: equal only if Adam moments and the warm-up position were restored
     # (a fresh optimizer would take a different, larger first step at lr 1/3 of 2/3).
     (ma, _), (mb, _) = a.update(batch2), b.update(batch2)
-    assert ma["policy/lr"] == mb["policy/lr"] == pytest.approx(2e-3 / 3)
+    assert ma["policy/lr"] == mb["policy/lr"] == pytest.approx(2e-3 / 3)  # 1e-3 x 2/3 in binary floats
     assert _max_diff(_params(a), _params(b)) == 0.0  # same state, same inputs, same process: same kernels
     with pytest.raises(FileNotFoundError):
         b.load_checkpoint(str(tmp_path / "missing"))

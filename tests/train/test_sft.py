@@ -9,16 +9,20 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from prime.data.dataset import build_prompt_dataset
-from prime.data.synthetic import arithmetic_rows
+from prime.data.synthetic import arith_chain_rows, arithmetic_rows, chain_solution, chain_split
 from prime.train import sft as warmstart
 from prime.models.loading import load_model, load_tokenizer
 from prime.data.batch import pack_sequences
 from prime.train.sft import (
     build_sft_examples,
+    chain_rows,
     default_rows,
+    engine_accuracy,
+    greedy_accuracy,
     sampled_accuracy,
     sft_loss,
     sft_warm_start,
+    target_text,
     torch_threads,
 )
 
@@ -88,7 +92,7 @@ def test_sft_loss_counts_response_tokens_only():
     # (3 and 3, 3) and the pad are never targets. Token NLLs: ln 2, ln 6, ln 2 -> mean over 3.
     batch = pack_sequences([[3], [3, 3]], [[0, 2], [0]], pad_id=1)
     expected = (2 * math.log(2.0) + math.log(6.0)) / 3
-    assert sft_loss(_FixedLogits(), batch).item() == pytest.approx(expected, rel=1e-6)
+    assert sft_loss(_FixedLogits(), batch).item() == pytest.approx(expected, rel=1e-6)  # fp32 log-softmax
 
 
 def test_short_warm_start_lowers_loss_changes_weights_and_keeps_folder(model_dir):
@@ -208,3 +212,75 @@ def test_default_warm_start_reaches_middle_accuracy(model_dir):
     # The accuracy measured during training is that of the saved folder.
     _, held_out = default_rows(1, seed=0)
     assert sampled_accuracy(model_dir, held_out, seed=0) == metrics["warmstart/acc"]
+
+
+def _chain_row(expr, ground_truth):
+    return {"data_source": "synthetic/arith_chain", "ability": "math",
+            "prompt": [{"role": "user", "content": f"Compute {expr}. Put the final answer in \\boxed{{}}."}],
+            "reward_model": {"ground_truth": ground_truth, "style": "rule"},
+            "extra_info": {"split": "train", "expression": expr, "solution": chain_solution(expr)}}
+
+
+def test_chain_rows_train_their_worked_solution(tiny_model_path):
+    tok = load_tokenizer(tiny_model_path)
+    row = _chain_row("3+5+2-4", "6")  # 3+5 = 8, 8+2 = 10, 10-4 = 6
+    _, (response,) = build_sft_examples(tok, [row])
+    # The byte-level tokenizer spells digits, signs and newlines ("Ċ") one token each and has
+    # "\\boxed" as one merged token: 6 + 7 + 7 + 4 = 24 tokens, then eos.
+    assert tok.convert_ids_to_tokens(response[:-1]) == [
+        "3", "+", "5", "=", "8", "Ċ",
+        "8", "+", "2", "=", "1", "0", "Ċ",
+        "1", "0", "-", "4", "=", "6", "Ċ",
+        "\\boxed", "{", "6", "}",
+    ]
+    assert response[-1] == tok.eos_token_id and len(response) == 25
+    assert response[:-1] == tok("3+5=8\n8+2=10\n10-4=6\n\\boxed{6}", add_special_tokens=False)["input_ids"]
+    # use_solution=False trains the bare boxed answer, as for rows without a solution.
+    _, (bare,) = build_sft_examples(tok, [row], use_solution=False)
+    assert tok.decode(bare[:-1]) == "\\boxed{6}"
+    assert target_text(arithmetic_rows(1, seed=0)[0]) == "\\boxed{6}"  # "Compute 6-0." has no solution
+
+
+def test_bad_solution_is_named():
+    row = _chain_row("1+2", "3")
+    row["extra_info"]["solution"] = ""
+    with pytest.raises(ValueError, match="row 4: extra_info.solution must be a non-empty string, got ''"):
+        target_text(row, 4)
+
+
+def test_warm_start_on_chains_learns_the_solution_tokens(model_dir):
+    train, _ = chain_rows(64, seed=0, num_eval=1)
+    probe = arith_chain_rows(32, "test", seed=7)  # held-out expressions, scored on their solutions
+    before = _fixed_batch_loss(model_dir, probe)
+    metrics = sft_warm_start(model_dir, rows=train, steps=12, batch_size=16, lr=1e-3, log_every=0)
+    assert metrics["warmstart/examples"] == 64
+    # From about ln(576) = 6.4 nats at random init, 12 steps learn the fixed tokens of the chain
+    # format ("=", newlines, "\\boxed{", "}", eos), which is most of a solution's tokens.
+    after = _fixed_batch_loss(model_dir, probe)
+    assert after < before - 2.0, (before, after)
+
+
+def test_chain_rows_are_disjoint_and_held_out_set_is_fixed():
+    train, held_out = chain_rows(200, seed=0, num_eval=100)
+    assert {r["extra_info"]["split"] for r in train} == {"train"}
+    assert {r["extra_info"]["split"] for r in held_out} == {"test"}
+    assert all(chain_split(r["extra_info"]["expression"]) == "test" for r in held_out)
+    assert not {r["extra_info"]["expression"] for r in train} & {r["extra_info"]["expression"] for r in held_out}
+    other_train, same_held_out = chain_rows(200, seed=1, num_eval=100)
+    assert same_held_out == held_out and other_train != train
+    # The warm-start rows differ from an RL file drawn from the train split with the same seed.
+    assert train != arith_chain_rows(200, "train", seed=0)
+
+
+def test_greedy_accuracy_is_one_engine_pass(tiny_model_path):
+    from prime.rollout.hf import HFEngine
+
+    rows = arith_chain_rows(6, "test", seed=0)
+    engine = HFEngine(tiny_model_path)
+    first = engine_accuracy(engine, rows, 1, 8, temperature=0.0)
+    assert engine_accuracy(engine, rows, 1, 8, temperature=0.0) == first  # greedy: no seed involved
+    assert greedy_accuracy(tiny_model_path, rows, 8) == first
+    # The untrained model cannot write a whole chain in 8 tokens.
+    assert first == 0.0
+    with pytest.raises(ValueError, match="use n=1, got n=2"):
+        engine_accuracy(engine, rows, 2, 8, temperature=0.0)

@@ -86,7 +86,7 @@ def _check_sync(policy, rollout, weight_sync, seed: int) -> dict:
         assert _max_diff(got, want) > 1e-3  # the engines still hold older weights
     metrics = weight_sync.sync()
     for got in _engine_logp(rollout):
-        assert _max_diff(got, want) < 1e-5
+        assert _max_diff(got, want) < 1e-5  # HF engine vs the trainer's micro-batched fp32 passes
     return metrics
 
 
