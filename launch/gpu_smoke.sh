@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
-# GPU smoke test of prime's non-Ray code paths (DeepSpeed on CUDA, log-probs, HF generation).
+# One call that says whether prime's GPU path works; prints a pass/fail table (about 2-5 minutes).
 #
 #   PYTHON=.venv/bin/python bash launch/gpu_smoke.sh --fetch-wheels   # where the registry is reachable:
 #                                                                     # wheels the GPU machine lacks -> .whl/
-#   bash launch/gpu_smoke.sh                  # on the GPU machine: install what is missing, run the checks
+#   bash launch/gpu_smoke.sh                  # on the GPU machine: install what it can, run every check
 #   bash launch/gpu_smoke.sh --device cpu     # the same checks on the CPU (arguments go to gpu_smoke.py)
 #
-# The GPU machine has python3 with a CUDA torch, transformers, tokenizers, safetensors and pyyaml,
-# but no Ray, no vLLM, no DeepSpeed and no network. DeepSpeed and its missing dependencies travel
-# as wheels in .whl/ (PyPI has only a DeepSpeed sdist, so --fetch-wheels builds a pure-Python wheel
-# of it). torch is never installed or upgraded here. The repository itself is put on PYTHONPATH
-# rather than pip-installed: an editable install would need setuptools from the network.
-# Exits non-zero when a dependency is missing or any check fails.
+# The checks (launch/gpu_smoke.py): the streaming weight sync into an HF engine in another process
+# (gloo, CUDA IPC, NCCL with two GPUs) and into vLLM's worker, vLLM sleep/wake in the colocated
+# order, ZeRO-3 policy and PRM updates with state offload, and one colocated PRIME step.
+# Needs python3 with torch, transformers, tokenizers, safetensors and pyyaml. DeepSpeed and its
+# missing dependencies travel as wheels in .whl/ (PyPI has only a DeepSpeed sdist, so
+# --fetch-wheels builds a pure-Python wheel of it); vLLM is optional. A check whose package is
+# missing prints "skipped (why)"; the run fails only when a check that ran fails. torch is never
+# installed or upgraded here. The repository is put on PYTHONPATH rather than pip-installed.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -54,14 +56,14 @@ if (( ${#missing[@]} )); then
     echo "missing: ${missing[*]}"
     if compgen -G "$WHEELS/*.whl" >/dev/null; then
         # Offline: the carried wheels into a folder of their own (the system environment stays as it is).
-        "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$WHEELS"/*.whl
+        "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$WHEELS"/*.whl || true
         export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
     else
-        # Online: from the registry, leaving torch alone.
-        "$PY" -m pip install -q "transformers<5.20" deepspeed tokenizers pyyaml safetensors
+        # Online: from the registry, leaving torch alone (a failure only skips the checks that need it).
+        "$PY" -m pip install -q "transformers<5.20" deepspeed tokenizers pyyaml safetensors || true
     fi
     for mod in "${missing[@]}"; do
-        "$PY" -c "import $mod" || { echo "still cannot import $mod" >&2; exit 1; }
+        "$PY" -c "import $mod" 2>/dev/null || echo "still cannot import $mod: the checks that need it are skipped" >&2
     done
 fi
 

@@ -30,6 +30,7 @@ from prime.models.memory import (
     ModelShape,
     activation_bytes,
     engine_memory,
+    reference_bytes,
     resolve_shape,
     training_states,
 )
@@ -119,7 +120,8 @@ def _tokens(cfg: Config, budget: int) -> int:
 
 def _role_memory(cfg: Config, role: str, shapes: Shapes) -> tuple[Memory, Memory]:
     """(resident, working) memory of one rank of a training or reference role on its GPU."""
-    dtype, ckpt = cfg.model.dtype, cfg.model.gradient_checkpointing
+    dtype = cfg.model.dtype
+    ckpt = cfg.model.gradient_checkpointing or (role == "prm" and cfg.prm.gradient_checkpointing)
     if role == "reference":
         tokens = _tokens(cfg, cfg.actor.max_tokens_per_micro_batch)
         acts = activation_bytes(shapes.policy, tokens, dtype=dtype, checkpointing=False, training=False)
@@ -131,8 +133,9 @@ def _role_memory(cfg: Config, role: str, shapes: Shapes) -> tuple[Memory, Memory
     acts = activation_bytes(shape, _tokens(cfg, section.max_tokens_per_micro_batch), dtype=dtype,
                             checkpointing=ckpt)
     resident = states.resident
-    if role == "prm" and cfg.prm.ref == "frozen":  # a full copy of the frozen reference on every PRM rank
-        resident = resident + Memory(weights=DTYPE_BYTES[dtype] * shape.num_params())
+    if role == "prm" and cfg.prm.ref == "frozen":  # the frozen reference, as prm.ref_placement puts it
+        ref = reference_bytes(shape.num_params(), dtype=dtype, placement=cfg.prm.ref_placement, ranks=ranks)
+        resident = resident + Memory(weights=ref)
     return resident, Memory(weights=states.gathered, activations=acts)
 
 
@@ -206,7 +209,8 @@ def _check_devices(cfg: Config, devices: list[DeviceMemory]) -> None:
         f"{'generates' if phase == 'generate' else 'trains'} ({parts}, {worst.other / GIB:.1f} GiB per-process "
         f"overhead) but cluster.gpu_memory_gib={cfg.cluster.gpu_memory_gib:g}; turn on model.gradient_checkpointing, "
         f"lower the max_tokens_per_micro_batch budgets or rollout.gpu_memory_utilization, offload "
-        f"(actor/prm.offload_params, offload_optimizer), or spread the job over more GPUs")
+        f"(actor/prm.offload_params, offload_optimizer), shard the PRM reference (prm.ref_placement=sharded or "
+        f"offload), or spread the job over more GPUs")
 
 
 def make_plan(cfg: Config, download: bool = False) -> Plan:

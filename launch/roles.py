@@ -101,8 +101,10 @@ def prm_args(cfg: Config) -> dict[str, Any]:
         mini = max(cfg.rollout.n, (mini // cfg.rollout.n) * cfg.rollout.n)
     settings = EngineSettings(lr=p.lr, grad_clip=p.grad_clip, zero_stage=p.zero_stage,
                               offload_optimizer=p.offload_optimizer, offload_params=p.offload_params,
-                              bf16=cfg.model.dtype == "bfloat16", gradient_checkpointing=cfg.model.gradient_checkpointing)
-    return dict(settings=settings, ref=p.ref, beta=p.beta, loss=p.loss, granularity=p.granularity, norm=p.norm,
+                              bf16=cfg.model.dtype == "bfloat16",
+                              gradient_checkpointing=cfg.model.gradient_checkpointing or p.gradient_checkpointing)
+    return dict(settings=settings, ref=p.ref, ref_placement=p.ref_placement, beta=p.beta, loss=p.loss,
+                granularity=p.granularity, norm=p.norm,
                 mini_batch_size=mini, max_tokens_per_micro_batch=p.max_tokens_per_micro_batch,
                 temperature=cfg.rollout.temperature, seed=cfg.trainer.seed,
                 trust_remote_code=cfg.model.trust_remote_code)
@@ -147,13 +149,20 @@ def _group(cls: type, role: str, layout: Layout, pgs: dict[str, Any], **kwargs) 
 
 def build_roles(cfg: Config, model_path: str, prm_path: str, total_optimizer_steps: int, layout: Layout,
                 pgs: dict[str, Any]) -> Roles:
-    """The actor groups in the placement groups `reserve` made (Roles.shutdown releases them)."""
+    """The actor groups in the placement groups `reserve` made (Roles.shutdown releases them).
+
+    With sleep mode (colocated GPUs) the engines start and fall asleep before DeepSpeed builds the
+    trainers on the same GPUs; otherwise the engines start while the trainers build."""
     restarts = cfg.trainer.actor_max_restarts  # Ray restarts a dead engine or verifier; its work is sent again
     rollout = _group(RolloutWorker, "rollout", layout, pgs, max_restarts=restarts, kwargs=dict(
         engine=cfg.rollout.engine, model_path=model_path, engine_kwargs=rollout_engine_args(cfg)))
     verifier = _group(VerifierWorker, "verifier", layout, pgs, max_restarts=restarts, kwargs=dict(
         num_workers=cfg.verifier.workers_per_actor, timeout_s=cfg.verifier.timeout_s,
         code_case_timeout_s=cfg.verifier.code_test_timeout_s))
+    starts = None
+    if cfg.rollout.enable_sleep_mode:
+        starts = rollout.call(lambda a, r: a.ready.remote())
+        rollout.call(lambda a, r: a.sleep.remote(cfg.rollout.sleep_level))
     policy = _group(PolicyWorker, "policy", layout, pgs)
     loss, settings, kwargs = policy_args(cfg, total_optimizer_steps)
     policy.call(lambda a, r: a.build.remote(model_path, loss, settings, kwargs))
@@ -167,8 +176,9 @@ def build_roles(cfg: Config, model_path: str, prm_path: str, total_optimizer_ste
             model_path=model_path, dtype=cfg.model.dtype,
             max_tokens_per_micro_batch=cfg.actor.max_tokens_per_micro_batch, temperature=cfg.rollout.temperature,
             trust_remote_code=cfg.model.trust_remote_code))
-    starts = rollout.call(lambda a, r: a.ready.remote())
-    # After the trainer is built and the engines are up: the broadcast plan needs both.
+    if starts is None:
+        starts = rollout.call(lambda a, r: a.ready.remote())
+    # After the trainer is built and the engines are up: the streaming plan needs both.
     weight_sync = make_weight_sync(cfg.cluster.weight_sync, policy, rollout, cfg.cluster.weight_sync_bucket_mb)
     return Roles(rollout=rollout, verifier=verifier, policy=policy, prm=prm, reference=reference,
                  engine_start_s=max(starts), weight_sync=weight_sync, placement_groups=list(pgs.values()))

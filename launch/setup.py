@@ -213,6 +213,8 @@ class Job:
         self.roles.weight_sync = make_weight_sync(c.weight_sync, self.roles.policy, self.roles.rollout,
                                                   c.weight_sync_bucket_mb)
         self.roles.weight_sync.sync()
+        if c.offload_trainers:  # the sync brought the policy's states back; the engines are generating
+            self.roles.policy.call(lambda a, r: a.offload_states.remote())
 
     def rebuild_roles(self) -> None:
         """Tear every actor group down and build them again (after a lost rank or node); the new

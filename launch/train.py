@@ -83,7 +83,7 @@ def rollout_stage(job: Job, step: int, timer: StageTimer) -> tuple[Batch, dict[s
     )
     if cfg.rollout.enable_sleep_mode:  # colocated: free the engines' GPU memory while training
         with timer("engine_sleep"):
-            roles.rollout.call(lambda a, r: a.sleep.remote())
+            roles.rollout.call(lambda a, r: a.sleep.remote(cfg.rollout.sleep_level))
     batch = build_batch(got.groups, job.pad_id)
     return batch, dict(got.metrics) | response_metrics(batch)
 
@@ -98,13 +98,25 @@ def advantage_stage(cfg: Config, batch: Batch, process_rewards) -> tuple[Batch, 
 
 
 def sync_stage(job: Job, timer: StageTimer) -> dict[str, float]:
-    """Wake the engines (colocated) and push the new policy weights into them."""
-    roles = job.roles
-    if job.cfg.rollout.enable_sleep_mode:
+    """Push the new policy weights into the engines and get them ready to generate.
+
+    Colocated, the order keeps the GPU's peak low: the engines' weights wake (their KV cache
+    stays released), the sync fills them, the trainers' states go to the host, and only then does
+    the KV cache come back.
+    """
+    roles, cfg = job.roles, job.cfg
+    if cfg.rollout.enable_sleep_mode:
         with timer("engine_wake"):
-            roles.rollout.call(lambda a, r: a.wake_up.remote())
+            roles.rollout.call(lambda a, r: a.wake_up.remote(["weights"]))
     with timer("weight_sync"):
         sync = roles.weight_sync.sync()
+    if cfg.cluster.offload_trainers:
+        with timer("offload_trainers"):
+            for group in (g for g in (roles.policy, roles.prm) if g is not None):
+                group.call(lambda a, r: a.offload_states.remote())
+    if cfg.rollout.enable_sleep_mode:
+        with timer("engine_wake"):
+            roles.rollout.call(lambda a, r: a.wake_up.remote(["kv_cache"]))
     # Compute = what the actors did (gather, broadcast, engine load); moving objects is overhead.
     actor_s = sum(sync.get(f"weight_sync/{part}_seconds", 0.0) for part in ("gather", "broadcast", "load"))
     timer.compute("weight_sync", actor_s)
@@ -198,9 +210,16 @@ def restore(job: Job, path: str | None) -> int:
         roles.prm.call(lambda a, r: a.load_checkpoint.remote(os.path.join(path, "prm")))
     job.sampler.load_state_dict(state["sampler"])
     load_rng_state(path)
-    roles.weight_sync.sync()  # engines started from the initial weights
     log.info("resumed from %s at step %d", path, state["step"])
     return int(state["step"])
+
+
+def ready_engines(job: Job, start: int) -> None:
+    """Bring freshly built engines to the policy's weights before the first step: resumed, they hold
+    the initial weights; with sleep mode they have slept since the trainers were built (the sync
+    wakes them in the low-peak order of `sync_stage`)."""
+    if start or job.cfg.rollout.enable_sleep_mode:
+        sync_stage(job, StageTimer())
 
 
 def save_final(group, final: str) -> None:
@@ -293,6 +312,7 @@ def restart_job(job: Job, logger: MetricsLogger, number: int, cause: str) -> int
                  checkpoint=path)
     job.rebuild_roles()
     start = restore(job, path)
+    ready_engines(job, start)
     logger.rewind(start)
     job.recovery.take_metrics()
     job.recovery.counts["faults/job_restarts"] = float(number)
@@ -339,6 +359,7 @@ def run(cfg: Config) -> str:
         if removed:
             log.info("removed what interrupted saves left: %s", ", ".join(removed))
         start = restore(job, resume_point(job))
+        ready_engines(job, start)
         logger = open_logger(job, start)
         train_with_restarts(job, logger, start, stop)
     finally:

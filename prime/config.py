@@ -131,7 +131,12 @@ class RolloutConfig:
     enforce_eager: bool = True
     """Skip CUDA-graph capture in vLLM: faster start, slower decode."""
     enable_sleep_mode: bool = False
-    """vLLM sleep/wake between generation phases (colocated placement on GPUs)."""
+    """vLLM sleep/wake between generation phases (colocated placement on GPUs): the engines sleep
+    before the trainers are built and after each generation, and wake their weights, take the
+    weight sync, then wake their KV cache."""
+    sleep_level: Literal[1, 2] = 2
+    """vLLM sleep level: 2 drops the weights while asleep (the weight sync rewrites every tensor on
+    wake, and no host copy is kept: 15 GB of host memory per 7B engine saved); 1 keeps a host copy."""
     cpu_kv_cache_gib: int = 1
     """KV-cache size of the CPU vLLM backend, GiB."""
 
@@ -184,6 +189,12 @@ class PRMConfig:
     """Keep the PRM's parameter partitions on the host between uses (GPU runs; needs ZeRO stage 3)."""
     max_tokens_per_micro_batch: int = 16384
     """Budget on rows x longest row of one PRM forward/backward."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the PRM's backward pass: less memory for one more forward."""
+    ref_placement: Literal["replicated", "sharded", "offload"] = "replicated"
+    """Where the frozen reference lives (prm.ref=frozen): a whole copy on every PRM rank's device,
+    ZeRO-3 partitions over the PRM ranks (1/world each, gathered layer by layer per forward), or
+    those partitions in host memory."""
 
 
 @dataclass
@@ -360,11 +371,18 @@ class ClusterConfig:
     """Data-parallel ranks of the implicit PRM."""
     cpus_per_actor: float = 1.0
     """Logical CPUs Ray reserves for each actor."""
-    weight_sync: Literal["object_store", "broadcast"] = "object_store"
-    """Policy -> engine transport: Ray object store, or a torch.distributed broadcast in buckets
-    (gloo on CPU, NCCL on GPU) from policy rank 0 to every engine."""
+    weight_sync: Literal["object_store", "broadcast", "ipc"] = "object_store"
+    """Policy -> engine transport: the Ray object store (rank 0's whole state dict; small models);
+    `broadcast`: bucket by bucket from policy rank 0 straight into every engine's worker processes
+    (NCCL on GPUs, gloo on CPU); `ipc` (colocated): policy rank i hands engine i each bucket
+    through a staging buffer on their shared device (CUDA IPC; /dev/shm on CPU); needs
+    rollout.num_engines = cluster.policy_world_size and rollout.tensor_parallel_size = 1."""
     weight_sync_bucket_mb: int = 256
-    """Bucket size of the broadcast weight sync, MiB."""
+    """Bucket size of the streaming weight sync (broadcast, ipc), MiB: each sender and receiver
+    holds about one or two buckets beyond its weights (docs/gpu_memory.md)."""
+    offload_trainers: bool = False
+    """Move the policy's and the PRM's states (weights, gradients, optimizer) to host memory while
+    the engines generate, back on the next update (colocated GPUs; needs ZeRO stage >= 1)."""
     nodes: int = 1
     """Nodes the job's GPU actors are spread over (data-parallel ranks and engines are balanced across them)."""
     gpus_per_node: int = 8
@@ -640,6 +658,7 @@ def validate(cfg: Config) -> None:
     for key in ("actor.zero_stage", "prm.zero_stage"):
         stage = cfg.actor.zero_stage if key.startswith("actor") else cfg.prm.zero_stage
         need(stage in (0, 1, 2, 3), f"{key} must be 0, 1, 2 or 3, got {stage}")
+    _validate_memory(cfg, need)
 
     _validate_offload_and_shape(cfg)
     if cfg.rollout.tensor_parallel_size > 1:
@@ -706,6 +725,25 @@ def validate(cfg: Config) -> None:
     need(cfg.trainer.preempt_grace_s > 0, f"trainer.preempt_grace_s must be > 0, got {cfg.trainer.preempt_grace_s}")
     need(cfg.trainer.resume != "", "trainer.resume must be auto, none or a checkpoint path, got ''")
     _validate_eval(cfg, need)
+
+
+def _validate_memory(cfg: Config, need) -> None:
+    """Offloading, reference placement and weight-sync settings that only work together."""
+    for section in ("actor", "prm"):
+        sec = getattr(cfg, section)
+        need(not cfg.cluster.offload_trainers or sec.zero_stage >= 1,
+             f"cluster.offload_trainers=true needs ZeRO stage >= 1, got {section}.zero_stage={sec.zero_stage}")
+    need(cfg.prm.ref_placement == "replicated" or cfg.prm.ref == "frozen",
+         f"prm.ref_placement={cfg.prm.ref_placement} places the frozen reference, but prm.ref={cfg.prm.ref}; "
+         "use prm.ref=frozen or prm.ref_placement=replicated")
+    if cfg.cluster.weight_sync == "ipc":
+        need(cfg.rollout.num_engines == cfg.cluster.policy_world_size and cfg.rollout.tensor_parallel_size == 1,
+             f"cluster.weight_sync=ipc pairs engine i with policy rank i on one device, so it needs "
+             f"rollout.num_engines ({cfg.rollout.num_engines}) = cluster.policy_world_size "
+             f"({cfg.cluster.policy_world_size}) and rollout.tensor_parallel_size=1 "
+             f"(got {cfg.rollout.tensor_parallel_size}); use cluster.weight_sync=broadcast otherwise")
+        need(cfg.trainer.device == "cpu" or cfg.cluster.placement == "colocated",
+             "cluster.weight_sync=ipc on GPUs needs cluster.placement=colocated (engine i on policy rank i's GPU)")
 
 
 def _validate_eval(cfg: Config, need) -> None:

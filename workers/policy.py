@@ -1,7 +1,9 @@
 """Policy role: one actor per DeepSpeed data-parallel rank, over `prime.train.trainer.Trainer`.
 
 Besides the shared training verbs it hands its weights to the rollout engines: whole through the
-Ray object store, or in buckets over the weight-sync broadcast group (`workers/weight_sync.py`).
+Ray object store, or streamed bucket by bucket into the engines' own worker processes
+(`workers/weight_sync.py`): rank 0 broadcasts to every engine (transport "broadcast"), or every
+rank fills the staging buffer its colocated engine maps (transport "ipc").
 """
 
 from __future__ import annotations
@@ -16,11 +18,25 @@ from workers.group import node_ip
 from workers.training import TrainingWorker
 
 
+def _timed(items, total: list[float]):
+    """`items` unchanged, adding the seconds spent producing each item to total[0]."""
+    it = iter(items)
+    while True:
+        t0 = time.perf_counter()
+        try:
+            item = next(it)
+        except StopIteration:
+            return
+        total[0] += time.perf_counter() - t0
+        yield item
+
+
 class PolicyWorker(TrainingWorker):
     def build(self, model_path: str, loss: Any, settings: EngineSettings, trainer_kwargs: dict[str, Any]) -> None:
         from prime.train.trainer import Trainer
 
         self.trainer = Trainer(model_path, loss, settings, **trainer_kwargs)
+        self._channel = self._ws_store = self._ws_staging = None
 
     def _gather(self) -> dict[str, torch.Tensor] | None:
         """Full weights on rank 0; ranks > 0 join the gather only where it is collective (ZeRO-3)."""
@@ -37,16 +53,13 @@ class PolicyWorker(TrainingWorker):
             return None, 0
         return weights, sum(t.numel() * t.element_size() for t in weights.values())
 
-    # ------------------------------------------------------------------ broadcast sync
-    def weight_bucket_plan(self, bucket_bytes: int) -> list | None:
-        """Set-up (every rank): rank 0's bucket plan for its current weights."""
-        from prime.rollout.weight_transfer import plan_buckets, weight_specs
+    # ------------------------------------------------------------------ streaming sync
+    def weight_bucket_plan(self, bucket_bytes: int) -> list:
+        """Set-up (every rank): the bucket plan of the current weights, from their names, shapes
+        and dtypes alone (nothing is gathered); the same on every rank."""
+        from prime.rollout.weight_transfer import plan_buckets
 
-        weights = self._gather()
-        if self.rank != 0:
-            return None
-        self._weight_specs = weight_specs(weights)
-        self._buckets = plan_buckets(self._weight_specs, bucket_bytes)
+        self._buckets = plan_buckets(self.trainer.weight_specs(), bucket_bytes)
         return self._buckets
 
     def transport_info(self) -> dict[str, Any]:
@@ -54,41 +67,44 @@ class PolicyWorker(TrainingWorker):
 
         return transport_info(node_ip())
 
-    def open_weight_sync(self, world_size: int, timeout_s: float) -> tuple[str, int]:
-        """Rank 0: start the weight-sync group's TCPStore on this node; returns (ip, port)."""
-        from prime.rollout.weight_transfer import BroadcastChannel
+    def open_weight_sync(self, transport: str, world_size: int, backend: str, timeout_s: float) -> dict[str, Any]:
+        """A sender: start its group's TCPStore on this node (and, for transport "ipc", the staging
+        buffer its engine maps); returns the group's spec for every member to join."""
+        from prime.rollout.weight_transfer import SharedStaging, max_bucket_bytes, open_store
 
         ip = node_ip()
-        self._ws_store, port = BroadcastChannel.open_store(ip, world_size, timeout_s)
-        return ip, port
+        self._ws_store, port = open_store(ip, world_size, timeout_s)
+        spec = dict(transport=transport, host=ip, port=port, world_size=world_size, backend=backend,
+                    timeout_s=timeout_s)
+        if transport == "ipc":
+            self._ws_staging = SharedStaging(max_bucket_bytes(self._buckets), self.trainer.device)
+            spec["handle"] = self._ws_staging.handle
+        return spec
 
-    def join_weight_sync(self, host: str, port: int, rank: int, world_size: int, backend: str, buckets: list,
-                         timeout_s: float) -> None:
-        """Rank 0 joins the weight-sync group as its sender (group rank 0)."""
-        from prime.rollout.weight_transfer import BroadcastChannel
+    def join_weight_sync(self, spec: dict[str, Any]) -> None:
+        """A sender joins its group as rank 0."""
+        from prime.rollout.weight_transfer import join_channel
 
-        self._channel = BroadcastChannel(host, port, rank, world_size, backend, node_ip(),
-                                         store=self._ws_store, timeout_s=timeout_s)
-        self._buckets = buckets
+        self._channel = join_channel(spec, 0, node_ip(), store=self._ws_store, staging=self._ws_staging)
 
     def send_weights(self) -> dict[str, float] | None:
-        """Every rank: gather the weights and, on rank 0, broadcast them in buckets."""
-        from prime.rollout.weight_transfer import check_specs
-
-        t0 = time.perf_counter()
-        weights = self._gather()
-        if self.rank != 0:
+        """Every rank: stream the weights bucket by bucket (under ZeRO-3 each bucket is gathered
+        collectively, so every rank walks the plan); ranks with a channel send each bucket as it
+        is gathered. Returns the sender's metrics, None on ranks that only helped gather."""
+        gather_s = [0.0]
+        source = _timed(self.trainer.weight_buckets(self._buckets), gather_s)
+        stats = None
+        if self._channel is not None:
+            stats = self._channel.send_stream(self._buckets, source)
+        for _ in source:  # a rank without a channel gathers with the others; everyone leaves the last gather
+            pass
+        if stats is None:
             return None
-        gather_s = time.perf_counter() - t0
-        try:
-            check_specs(self._weight_specs, weights)
-        except ValueError:
-            self._channel.send(self._buckets, None)  # release the receivers before raising
-            raise
-        return self._channel.send(self._buckets, weights) | {"gather_seconds": gather_s}
+        # The channel's seconds include the gathers it waited for; report the two apart.
+        return stats | {"gather_seconds": gather_s[0], "seconds": stats["seconds"] - gather_s[0]}
 
     def close_weight_sync(self) -> None:
         channel = getattr(self, "_channel", None)
         if channel is not None:
             channel.close()
-        self._channel = self._ws_store = None
+        self._channel = self._ws_store = self._ws_staging = None

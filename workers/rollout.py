@@ -13,7 +13,11 @@ from workers.group import node_ip
 
 
 class RolloutWorker:
-    """Owns one engine for the whole run (engine start is the expensive part; weights change in place)."""
+    """Owns one engine for the whole run (engine start is the expensive part; weights change in place).
+
+    For the streaming weight sync the engine's own processes join the group (vLLM's workers, or
+    this actor for the HF engine, whose model lives here); this actor only passes the calls on.
+    """
 
     def __init__(self, engine: str, model_path: str, engine_kwargs: dict[str, Any] | None = None) -> None:
         kwargs = dict(engine_kwargs or {})
@@ -50,43 +54,35 @@ class RolloutWorker:
         self.engine.load_weights(items)
         return time.perf_counter() - t0
 
-    # ------------------------------------------------------------------ broadcast weight sync (workers/weight_sync.py)
-    def transport_info(self) -> dict[str, Any]:
-        from prime.rollout.weight_transfer import transport_info
+    # ------------------------------------------------------------------ streaming weight sync (workers/weight_sync.py)
+    def weight_sync_receivers(self) -> int:
+        """Processes of this engine that join a weight-sync group (one per tensor-parallel rank)."""
+        return self.engine.receivers
 
-        return transport_info(node_ip())
+    def transport_infos(self) -> list[dict[str, Any]]:
+        return self.engine.transport_infos(node_ip())
 
-    def join_weight_sync(self, host: str, port: int, rank: int, world_size: int, backend: str, buckets: list,
-                         timeout_s: float) -> None:
-        """Join the weight-sync group as a receiver; `buckets` is the sender's plan (fixed for the run)."""
-        from prime.rollout.weight_transfer import BroadcastChannel
-
-        self._channel = BroadcastChannel(host, port, rank, world_size, backend, node_ip(), timeout_s=timeout_s)
-        self._buckets = buckets
+    def join_weight_sync(self, spec: dict[str, Any], first_rank: int, plan: list) -> list[int]:
+        """The engine's processes join the group `spec` from rank `first_rank` on; `plan` is the
+        sender's bucket plan in wire form (fixed for the run)."""
+        return self.engine.join_weight_sync(spec, first_rank, plan, node_ip())
 
     def receive_weights(self) -> dict[str, float]:
-        """Receive one broadcast sync and load it into the engine in place.
-
-        With vLLM the tensors then travel to the engine workers through `load_weights`
-        (collective_rpc).
-        """
-        t0 = time.perf_counter()
-        named = self._channel.receive(self._buckets)
-        receive_s = time.perf_counter() - t0
-        load_s = self.load_weights(named)
-        return {"receive_seconds": receive_s, "load_seconds": load_s}
+        """Receive one sync; every bucket is loaded into the engine as it lands."""
+        return self.engine.receive_weights()
 
     def close_weight_sync(self) -> None:
-        channel = getattr(self, "_channel", None)
-        if channel is not None:
-            channel.close()
-        self._channel = None
+        self.engine.close_weight_sync()
 
-    def sleep(self) -> None:
-        self.engine.sleep()
+    def memory(self, reset_peak: bool = False) -> list[dict[str, int]]:
+        """RSS and peak RSS of every process that receives weights (bytes)."""
+        return self.engine.memory(reset_peak)
 
-    def wake_up(self) -> None:
-        self.engine.wake_up()
+    def sleep(self, level: int = 1) -> None:
+        self.engine.sleep(level)
+
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        self.engine.wake_up(tags)
 
     def shutdown(self) -> None:
         self.engine.shutdown()

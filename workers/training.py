@@ -58,5 +58,19 @@ class TrainingWorker(RankedWorker):
     def save_hf(self, path: str) -> None:
         self.trainer.save_hf(path)
 
+    def offload_states(self) -> bool:
+        """Move the trainer's states to host memory (colocated GPUs, while the engines generate)."""
+        return self.trainer.offload_states()
+
+    def memory(self, reset_peak: bool = False) -> dict[str, int]:
+        """This actor's RSS and peak RSS in bytes; `reset_peak` resets the peak first."""
+        import os
+
+        from prime.rollout.weight_transfer import process_memory, reset_peak_memory
+
+        if reset_peak:
+            reset_peak_memory()
+        return process_memory() | {"pid": os.getpid()}
+
     def shutdown(self) -> Any:
         return None

@@ -1,48 +1,39 @@
 """Weight sync policy -> rollout engines after every update.
 
-Two transports behind one small interface (`WeightSync.sync() -> metrics`, `close()`):
+Three kinds (`cluster.weight_sync`) behind one small interface (`WeightSync.sync() -> metrics`,
+`close()`):
 
-- `ObjectStoreSync` (default; CPU and small models): policy rank 0 returns its full HF-named state
-  dict, Ray stores it once, and every engine receives the same object reference, so the driver
-  never holds the tensors.
-- `BroadcastSync`: a `torch.distributed` process group of its own (separate from the policy's
-  DeepSpeed group) made of policy rank 0 (group rank 0, the sender) and one receiver per rollout
-  engine actor (group ranks 1..E). It is built from a `TCPStore` on policy rank 0's node and a
-  gloo backend on CPU or an NCCL backend on GPU, without touching any process's default group.
-  The weights are cut into buckets of about `bucket_mb` (one dtype per bucket), each bucket is
-  flattened into one buffer and broadcast from rank 0; receivers unflatten it by the bucket plan
-  they got through Ray at set-up and hand the named tensors to their engine's `load_weights`.
+- `object_store` (`ObjectStoreSync`; CPU and small models): policy rank 0 returns its full HF-named
+  state dict, Ray stores it once, and every engine loads it (vLLM in safetensors chunks of at most
+  256 MiB through `collective_rpc`). Rank 0 holds a full host copy: not for 7B models.
+- `broadcast` (`StreamingSync`): a process group of its own made of policy rank 0 (group rank 0)
+  and every receiving process of every engine: vLLM's worker processes themselves, one per
+  tensor-parallel rank, joined through prime's worker extension (`prime/rollout/vllm_ext.py`),
+  or the actor for the HF engine. NCCL when every member has a GPU of its own, gloo otherwise. The
+  weights are gathered, sent and loaded one bucket at a time.
+- `ipc` (`StreamingSync`, colocated placement): policy rank i serves engine i on the same device.
+  Every rank gathers each bucket anyway under ZeRO-3, so rank i copies it into a staging buffer
+  that engine i's worker maps once (a CUDA IPC handle on a GPU, a /dev/shm file on the CPU); a
+  small gloo group per pair only signals "bucket ready" and "bucket copied". Needs as many
+  engines as policy ranks, one process per engine, each on its rank's GPU.
 
-Every policy rank takes part in a sync: under ZeRO-3 the full weights are gathered collectively
-(`PolicyWorker.send_weights` / `export_weights` handle that; ranks > 0 return nothing).
-
-With vLLM on GPUs the broadcast lands in the rollout actor's process and `VLLMEngine.load_weights`
-then forwards the tensors to the engine workers through `collective_rpc`. vLLM 0.32 also has a
-weight-transfer API (`weight_transfer_config=WeightTransferConfig(backend="nccl")` when building
-the `LLM`, then `init_weight_transfer_engine` / `start_weight_update` / `update_weights` /
-`finish_weight_update` on the engine and `NCCLTrainerWeightTransferEngine` on the trainer side)
-with which NCCL lands directly in the engine workers' GPU memory; using it is a follow-up.
-
-The bucket plan and `BroadcastChannel` (one member's end of the group) need no Ray; they live in
-`prime/rollout/weight_transfer.py`. This module only wires them to the actor groups.
+Every policy rank takes part in a sync: under ZeRO-3 each bucket is gathered collectively.
+The bucket plan, the channels and the receiving end need no Ray; they live in
+`prime/rollout/weight_transfer.py` and `prime/rollout/vllm_ext.py`. This module wires them to the
+actor groups. docs/gpu_memory.md sizes each member's memory.
 """
 
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from prime.rollout.weight_transfer import BACKENDS, Bucket, choose_backend
+from prime.rollout.weight_transfer import BACKENDS, Bucket, buckets_to_wire, choose_backend
 
 if TYPE_CHECKING:
     from workers.group import ActorGroup
 
-WEIGHT_SYNC_KINDS = ("object_store", "broadcast")
-
-
-# --------------------------------------------------------------------------------------------------
-# Driver side: the two transports
-# --------------------------------------------------------------------------------------------------
+WEIGHT_SYNC_KINDS = ("object_store", "broadcast", "ipc")
 
 
 class WeightSync(Protocol):
@@ -52,7 +43,7 @@ class WeightSync(Protocol):
         """One sync; metrics `weight_sync/bytes`, `weight_sync/buckets`, `weight_sync/seconds`, ..."""
 
     def close(self) -> None:
-        """Release the transport's resources (process groups)."""
+        """Release the transport's resources (process groups, staging buffers)."""
 
 
 class ObjectStoreSync:
@@ -83,70 +74,109 @@ class ObjectStoreSync:
         pass
 
 
-class BroadcastSync:
-    """Bucketed broadcast from policy rank 0 to every engine over a process group of its own.
+def _pairs(policy: ActorGroup, rollout: ActorGroup, transport: str, receivers: list[int]) -> list[tuple[Any, list]]:
+    """(sender actor, [(engine actor, its receiving processes)]) for each group of the transport."""
+    engines = list(zip(rollout.actors, receivers))
+    if transport == "broadcast":
+        return [(policy.actors[0], engines)]
+    if len(rollout.actors) != len(policy.actors):
+        raise ValueError(f"weight_sync=ipc pairs engine i with policy rank i, so it needs as many engines "
+                         f"({len(rollout.actors)}) as policy ranks ({len(policy.actors)}); use broadcast")
+    if any(n != 1 for n in receivers):
+        raise ValueError(f"weight_sync=ipc needs one process per engine (tensor_parallel_size=1), got {receivers}; "
+                         "use broadcast")
+    return [(sender, [engine]) for sender, engine in zip(policy.actors, engines)]
 
-    Set-up (once): the policy gathers its weights to plan the buckets (a collective under ZeRO-3),
-    rank 0 opens a TCPStore on its node, and rank 0 plus every engine actor join the group.
-    `backend=None` picks NCCL when every member has a GPU of its own and gloo otherwise.
+
+def _check_same_device(sender_info: dict, engine_infos: list[dict]) -> None:
+    for info in engine_infos:
+        if info["ip"] != sender_info["ip"] or info["gpu"] != sender_info["gpu"]:
+            raise ValueError(f"weight_sync=ipc needs each engine on its policy rank's device; policy rank at "
+                             f"{sender_info}, engine at {info} (colocated placement puts them together)")
+
+
+class StreamingSync:
+    """Bucket-by-bucket sync straight into the engines' worker processes ("broadcast" or "ipc").
+
+    Set-up (once): every policy rank plans the buckets from its weights' names, shapes and dtypes
+    (no gather), each sender opens its group (TCPStore, and for "ipc" the staging buffer), and the
+    sender and the engines' receiving processes join it. `backend=None` picks NCCL for
+    "broadcast" when every member has a GPU of its own, gloo otherwise; "ipc" signals over gloo.
     """
 
-    def __init__(self, policy: ActorGroup, rollout: ActorGroup, bucket_mb: float = 256,
-                 backend: str | None = None, timeout_s: float = 1800.0) -> None:
+    def __init__(self, policy: ActorGroup, rollout: ActorGroup, transport: str = "broadcast",
+                 bucket_mb: float = 256, backend: str | None = None, timeout_s: float = 1800.0) -> None:
         import ray
 
+        if transport not in ("broadcast", "ipc"):
+            raise ValueError(f"transport={transport!r} is not valid; choose 'broadcast' or 'ipc'")
         if bucket_mb <= 0:
             raise ValueError(f"bucket_mb must be > 0, got {bucket_mb}")
         if backend is not None and backend not in BACKENDS:
             raise ValueError(f"backend={backend!r} is not valid; choose one of {BACKENDS} or None (automatic)")
-        self.policy, self.rollout = policy, rollout
-        sender = policy.actors[0]
+        self.policy, self.rollout, self.transport = policy, rollout, transport
         plans = ray.get([a.weight_bucket_plan.remote(int(bucket_mb * 2**20)) for a in policy.actors])
         self.buckets: list[Bucket] = plans[0]
-        infos = ray.get([sender.transport_info.remote()] + [e.transport_info.remote() for e in rollout.actors])
-        self.backend = backend or choose_backend(infos)
-        world = 1 + len(rollout.actors)
-        host, port = ray.get(sender.open_weight_sync.remote(world, timeout_s))
-        joins = [sender.join_weight_sync.remote(host, port, 0, world, self.backend, self.buckets, timeout_s)]
-        joins += [e.join_weight_sync.remote(host, port, i + 1, world, self.backend, self.buckets, timeout_s)
-                  for i, e in enumerate(rollout.actors)]
-        ray.get(joins)
         self.nbytes = sum(b.nbytes for b in self.buckets)
+        receivers = ray.get([e.weight_sync_receivers.remote() for e in rollout.actors])
+        groups = _pairs(policy, rollout, transport, receivers)
+        self.senders = [sender for sender, _ in groups]
+        self.backends = [self._join(sender, engines, backend, timeout_s) for sender, engines in groups]
+        self.backend = self.backends[0]
+
+    def _join(self, sender, engines: list, backend: str | None, timeout_s: float) -> str:
+        """Open one group (sender + the engines' processes) and have every member join it."""
+        import ray
+
+        sender_info = ray.get(sender.transport_info.remote())
+        engine_infos = [i for infos in ray.get([e.transport_infos.remote() for e, _ in engines]) for i in infos]
+        if self.transport == "ipc":
+            _check_same_device(sender_info, engine_infos)
+            backend = "gloo"
+        backend = backend or choose_backend([sender_info] + engine_infos)
+        world = 1 + sum(n for _, n in engines)
+        spec = ray.get(sender.open_weight_sync.remote(self.transport, world, backend, timeout_s))
+        plan = buckets_to_wire(self.buckets)
+        joins, first = [sender.join_weight_sync.remote(spec)], 1
+        for engine, n in engines:
+            joins.append(engine.join_weight_sync.remote(spec, first, plan))
+            first += n
+        ray.get(joins)
+        return backend
 
     def sync(self) -> dict[str, float]:
         import ray
 
         t0 = time.perf_counter()
-        # Receivers first so they are waiting when rank 0 starts broadcasting (order is not required
-        # for correctness: each side blocks in the collective until the other arrives).
+        # Receivers first so they are waiting when the senders start (each side would block in the
+        # collective until the other arrives anyway).
         recv = [e.receive_weights.remote() for e in self.rollout.actors]
         send = [a.send_weights.remote() for a in self.policy.actors]
-        sent = ray.get(send)[0]
+        sent = [s for s in ray.get(send) if s is not None]
         received = ray.get(recv)
         seconds = time.perf_counter() - t0
         return {
-            "weight_sync/bytes": sent["bytes"],
-            "weight_sync/buckets": sent["buckets"],
+            "weight_sync/bytes": sent[0]["bytes"],
+            "weight_sync/buckets": sent[0]["buckets"],
             "weight_sync/seconds": seconds,
-            "weight_sync/gather_seconds": sent["gather_seconds"],
-            "weight_sync/broadcast_seconds": sent["seconds"],
+            "weight_sync/gather_seconds": max(s["gather_seconds"] for s in sent),
+            "weight_sync/broadcast_seconds": max(s["seconds"] for s in sent),
             "weight_sync/load_seconds": max(r["load_seconds"] for r in received),
-            "weight_sync/mb_per_s": sent["bytes"] / 2**20 / max(seconds, 1e-9),
+            "weight_sync/mb_per_s": sent[0]["bytes"] / 2**20 / max(seconds, 1e-9),
         }
 
     def close(self) -> None:
         import ray
 
-        ray.get([self.policy.actors[0].close_weight_sync.remote()]
+        ray.get([s.close_weight_sync.remote() for s in self.senders]
                 + [e.close_weight_sync.remote() for e in self.rollout.actors])
 
 
 def make_weight_sync(kind: str, policy_group: ActorGroup, rollout_group: ActorGroup, bucket_mb: float = 256,
                      backend: str | None = None) -> WeightSync:
-    """The transport named by `cluster.weight_sync` ("object_store" or "broadcast")."""
+    """The transport named by `cluster.weight_sync` (WEIGHT_SYNC_KINDS)."""
     if kind == "object_store":
         return ObjectStoreSync(policy_group, rollout_group)
-    if kind == "broadcast":
-        return BroadcastSync(policy_group, rollout_group, bucket_mb=bucket_mb, backend=backend)
+    if kind in ("broadcast", "ipc"):
+        return StreamingSync(policy_group, rollout_group, transport=kind, bucket_mb=bucket_mb, backend=backend)
     raise ValueError(f"weight_sync={kind!r} is not valid; choose one of {WEIGHT_SYNC_KINDS}")
-

@@ -11,6 +11,10 @@ import inspect
 
 import torch
 
+DEFAULT_CHUNK_TOKENS = 1024
+"""Positions per chunk of the fp32 log-softmax: 1024 x 152064 (Qwen2.5 vocabulary) x 4 bytes is
+0.6 GB per fp32 [chunk, V] tensor."""
+
 
 def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
     try:
@@ -27,15 +31,17 @@ def response_logprobs(
     response_mask: torch.Tensor,
     temperature: float = 1.0,
     return_entropy: bool = False,
+    chunk_tokens: int | None = DEFAULT_CHUNK_TOKENS,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Log-probs (and optionally entropies) of the response tokens under `model`.
 
     logp[b, t] = log softmax(logits[b, P-1+t] / temperature)[input_ids[b, P+t]], computed in fp32,
     and 0 where response_mask is 0. Gradients flow (the caller decides on no_grad).
 
-    The token log-prob is gathered as `z[token] - logsumexp(z)`, so the full [B, T, V]
-    log-softmax is never materialised (the fp32 logits are). Only the last T+1 positions go
-    through the LM head when the model supports `logits_to_keep`.
+    The token log-prob is gathered as `z[token] - logsumexp(z)` and the entropy as
+    `logsumexp(z) - sum softmax(z) z`, both over chunks of about `chunk_tokens` positions (see
+    `token_logprobs`): no [B, T, V] fp32 tensor exists, only the model's own logits. Only the last
+    T+1 positions go through the LM head when the model supports `logits_to_keep`.
 
     Args:
         model: a causal LM returning `.logits` [B, L, V].
@@ -43,6 +49,7 @@ def response_logprobs(
         response_mask: [B, T] float, 1 on real response tokens; T is read from its width.
         temperature: logits are divided by it (must be > 0), matching the sampler.
         return_entropy: also return the entropy of each position's distribution, [B, T].
+        chunk_tokens: positions per fp32 chunk (None: all at once).
 
     Returns:
         logp [B, T] (and entropy [B, T] when return_entropy).
@@ -68,21 +75,72 @@ def response_logprobs(
         use_cache=False,
         **kwargs,
     )
-    logits = out.logits  # [B, T+1, V] with logits_to_keep, else [B, L, V]
-    logits = logits[:, -(T + 1) : -1, :].float()  # [B, T, V], predicts columns P .. P+T-1
+    logits = out.logits[:, -(T + 1) : -1, :]  # [B, T, V] (a view), predicts columns P .. P+T-1
+    return token_logprobs(logits, input_ids[:, P:], response_mask > 0, temperature=temperature,
+                          return_entropy=return_entropy, chunk_tokens=chunk_tokens)
+
+
+def _chunk_stats(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, temperature: float,
+                 entropy: bool) -> tuple[torch.Tensor, ...]:
+    """Token log-probs (and entropies) of one chunk of positions, in fp32. # [B, c] each"""
+    z = logits.float()  # [B, c, V]
     if temperature != 1.0:
-        logits = logits / temperature
-    targets = input_ids[:, P:]  # [B, T]
-    lse = torch.logsumexp(logits, dim=-1)  # [B, T]
-    token_logits = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # [B, T]
-    mask = response_mask > 0  # [B, T]
-    logp = torch.where(mask, token_logits - lse, torch.zeros_like(lse))  # [B, T]
+        z = z / temperature
+    lse = torch.logsumexp(z, dim=-1)  # [B, c]
+    token = z.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # [B, c]
+    zero = torch.zeros_like(lse)
+    logp = torch.where(mask, token - lse, zero)  # [B, c]
+    if not entropy:
+        return (logp,)
+    # H = logsumexp(z) - sum_v softmax(z)_v * z_v
+    probs = torch.softmax(z, dim=-1)  # [B, c, V]
+    ent = torch.where(mask, lse - (probs * z).sum(dim=-1), zero)  # [B, c]
+    return logp, ent
+
+
+def token_logprobs(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    mask: torch.Tensor,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+    chunk_tokens: int | None = DEFAULT_CHUNK_TOKENS,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Log-probs (and entropies) of `targets` under `logits`, a chunk of positions at a time.
+
+    Args:
+        logits: [B, T, V] in the model's dtype (a view is fine: only one chunk is ever copied).
+        targets: [B, T] token ids; mask: [B, T] bool, outputs are 0 where it is False.
+        chunk_tokens: about how many positions (B x chunk width) go through the fp32 softmax at
+            once; None takes all T at once.
+
+    The fp32 working set is about 3 x chunk_tokens x V x 4 bytes (the fp32 logits, the softmax and
+    its product with the logits) instead of 3 x B x T x V x 4: for V = 152064 and 16384 tokens that
+    is 1.9 GB for 1024-token chunks instead of 30 GB. When gradients flow, each chunk runs under
+    activation checkpointing (its fp32 intermediates are recomputed in backward, one chunk at a
+    time), otherwise autograd would keep every chunk's softmax alive until backward. Every position
+    is computed by the same operations whatever the chunking, so the values do not depend on it.
+
+    Returns:
+        logp [B, T] fp32 (and entropy [B, T] fp32 when return_entropy).
+    """
+    B, T, _ = logits.shape
+    width = T if chunk_tokens is None else max(1, chunk_tokens // max(B, 1))
+    checkpointed = width < T and torch.is_grad_enabled() and logits.requires_grad
+    parts = []
+    for t0 in range(0, T, width):
+        args = (logits[:, t0 : t0 + width], targets[:, t0 : t0 + width], mask[:, t0 : t0 + width],
+                temperature, return_entropy)
+        if checkpointed:
+            from torch.utils.checkpoint import checkpoint
+
+            parts.append(checkpoint(_chunk_stats, *args, use_reentrant=False))
+        else:
+            parts.append(_chunk_stats(*args))
+    logp = torch.cat([p[0] for p in parts], dim=1) if len(parts) > 1 else parts[0][0]  # [B, T]
     if not return_entropy:
         return logp
-    # H = logsumexp(z) - sum_v softmax(z)_v * z_v
-    probs = torch.softmax(logits, dim=-1)  # [B, T, V]
-    entropy = lse - (probs * logits).sum(dim=-1)  # [B, T]
-    entropy = torch.where(mask, entropy, torch.zeros_like(entropy))
+    entropy = torch.cat([p[1] for p in parts], dim=1) if len(parts) > 1 else parts[0][1]  # [B, T]
     return logp, entropy
 
 

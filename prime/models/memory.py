@@ -23,6 +23,10 @@ Training states per rank (`training_states`), the ZeRO paper's "2 + 2 + K" accou
     At s = 3 a rank also gathers whole parameters while it computes: at most DeepSpeed's default
     stage3_max_live_parameters (1e9) elements, w bytes each (`gathered`, held only while computing).
 
+A frozen reference beside a trainer (`reference_bytes`, the implicit PRM's `prm.ref=frozen`), by
+`prm.ref_placement`: replicated w*P on every rank; sharded w*P / N (its ZeRO-3 partition; each forward
+gathers one layer at a time, far less than the trainer's own `gathered`); offload 0 on the GPU.
+
 Activations of one micro-batch of T tokens (`activation_bytes`; T is the trainer's token budget
 `max_tokens_per_micro_batch`, or one longest row when that is larger):
     per token and layer the backward pass keeps about A = 7h + 3Kd + 4I elements of dtype w: the two
@@ -210,6 +214,21 @@ def training_states(params: int, *, dtype: str, zero_stage: int, ranks: int, off
         gradients = optimizer = 0.0
     gathered = w * min(params, STAGE3_MAX_LIVE_PARAMETERS) if zero_stage == 3 else 0.0
     return TrainingStates(Memory(weights=weights, gradients=gradients, optimizer=optimizer), gathered)
+
+
+REF_PLACEMENTS = ("replicated", "sharded", "offload")
+
+
+def reference_bytes(params: int, *, dtype: str, placement: str, ranks: int) -> float:
+    """GPU bytes of a frozen reference on one of `ranks` ranks, placed as `placement` says (module docstring)."""
+    if placement not in REF_PLACEMENTS:
+        raise ValueError(f"placement={placement!r} is not valid; choose one of {REF_PLACEMENTS}")
+    if ranks < 1:
+        raise ValueError(f"ranks must be >= 1, got {ranks}")
+    if placement == "offload":
+        return 0.0
+    full = DTYPE_BYTES[dtype] * params
+    return full / ranks if placement == "sharded" else full
 
 
 def activation_bytes(shape: ModelShape, tokens: int, *, dtype: str, checkpointing: bool, training: bool = True) -> float:

@@ -179,6 +179,7 @@ def build_tiny_model(
     max_position_embeddings: int = 1024,
     num_kv_heads: int | None = None,
     init_std: float = 0.02,
+    vocab_size: int | None = None,
 ) -> str:
     """Write a randomly initialised Qwen2 checkpoint + tokenizer to `out_dir`; return the path.
 
@@ -195,6 +196,8 @@ def build_tiny_model(
         max_position_embeddings: longest sequence (also the tokenizer's model_max_length).
         num_kv_heads: key/value heads (grouped-query attention); default max(1, num_heads // 4).
         init_std: standard deviation of the random weights.
+        vocab_size: embedding rows, at least the tokenizer's (default: the tokenizer's size rounded
+            up to a multiple of 64); a larger table gives a real model's shape (Qwen2: 151936).
     """
     from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
@@ -208,7 +211,10 @@ def build_tiny_model(
 
     tokenizer = build_tokenizer(vocab, model_max_length=max_position_embeddings)
     # Round the embedding table up to a multiple of 64, as real checkpoints do.
-    vocab_size = (len(tokenizer) + 63) // 64 * 64
+    rounded = (len(tokenizer) + 63) // 64 * 64
+    if vocab_size is not None and vocab_size < len(tokenizer):
+        raise ValueError(f"vocab_size={vocab_size} is smaller than the tokenizer ({len(tokenizer)} tokens)")
+    vocab_size = max(rounded, vocab_size or 0)
     eos_id = tokenizer.convert_tokens_to_ids(IM_END)
     pad_id = tokenizer.convert_tokens_to_ids(PAD)
     bos_id = tokenizer.convert_tokens_to_ids(END_OF_TEXT)

@@ -70,12 +70,32 @@ class RolloutEngine(Protocol):
         """Copy new weights (checkpoint names) into the running engine, in place."""
         ...
 
-    def sleep(self) -> None:
+    def sleep(self, level: int = 1) -> None:
         """Release accelerator memory between rollouts (no-op where unsupported)."""
         ...
 
-    def wake_up(self) -> None:
-        """Undo `sleep` (no-op where unsupported)."""
+    def wake_up(self, tags: list[str] | tuple[str, ...] | None = None) -> None:
+        """Undo `sleep` for "weights" and/or "kv_cache" (None: both; no-op where unsupported)."""
+        ...
+
+    # The streaming weight sync (`prime/rollout/weight_transfer.py`); the processes that hold the
+    # model join the group themselves.
+    receivers: int
+    """How many processes of this engine join a weight-sync group."""
+
+    def transport_infos(self, ip: str) -> list[dict]:
+        """Address and GPU identity of each receiving process."""
+        ...
+
+    def join_weight_sync(self, spec: dict, first_rank: int, plan: list, bind_ip: str) -> list[int]:
+        """Join the group `spec` from rank `first_rank` on; returns the ranks taken."""
+        ...
+
+    def receive_weights(self) -> dict[str, float]:
+        """Receive one sync bucket by bucket, loading each bucket as it lands."""
+        ...
+
+    def close_weight_sync(self) -> None:
         ...
 
     def shutdown(self) -> None:

@@ -171,11 +171,48 @@ class HFEngine:
         for name, tensor in pending:
             state[name].copy_(tensor.to(device=state[name].device, dtype=state[name].dtype))
 
-    def sleep(self) -> None:
+    def sleep(self, level: int = 1) -> None:
         """No-op: the HF engine keeps its weights where they are."""
 
-    def wake_up(self) -> None:
+    def wake_up(self, tags: list[str] | tuple[str, ...] | None = None) -> None:
         """No-op (see `sleep`)."""
+
+    # ------------------------------------------------------------------ streaming weight sync
+    receivers = 1  # the engine lives in its caller's process, which joins the group
+
+    def transport_infos(self, ip: str) -> list[dict]:
+        from prime.rollout.weight_transfer import transport_info
+
+        return [transport_info(ip)]
+
+    def join_weight_sync(self, spec: dict, first_rank: int, plan: list, bind_ip: str) -> list[int]:
+        """Join the weight-sync group `spec` as rank `first_rank` (see `prime.rollout.weight_transfer`)."""
+        from prime.rollout.weight_transfer import buckets_from_wire, join_channel
+
+        self._buckets = buckets_from_wire(plan)
+        self._channel = join_channel(spec, first_rank, bind_ip)
+        return [first_rank]
+
+    def receive_weights(self) -> dict[str, float]:
+        """Receive one sync, copying each bucket into the model as it lands."""
+        from prime.rollout.weight_transfer import receive_into
+
+        return receive_into(self._channel, self._buckets, self.load_weights)
+
+    def close_weight_sync(self) -> None:
+        channel, self._channel = getattr(self, "_channel", None), None
+        if channel is not None:
+            channel.close()
+
+    def memory(self, reset_peak: bool = False) -> list[dict[str, int]]:
+        """This process's RSS and peak RSS in bytes (one entry: the engine runs in its caller)."""
+        import os
+
+        from prime.rollout.weight_transfer import process_memory, reset_peak_memory
+
+        if reset_peak:
+            reset_peak_memory()
+        return [process_memory() | {"pid": os.getpid()}]
 
     def shutdown(self) -> None:
         """Drop the model so its memory can be reclaimed."""

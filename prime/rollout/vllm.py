@@ -8,14 +8,18 @@ Conventions match `prime.rollout.hf.HFEngine` (see `prime.rollout.base`):
   rollout log-probs disagree with the trainer's `response_logprobs(temperature=T)`.
 - vLLM keeps the eos id in `token_ids`; both engines do. `text` is decoded from the final ids
   with special tokens skipped, by the same tokenizer call in both engines.
-- Weight updates go through the worker's `model_runner.reload_weights(weights_iterator=...)`,
-  which runs the model's own checkpoint loader and then re-applies the backend's weight
-  post-processing (the CPU backend repacks linear weights, so copying into parameters directly
-  is not enough). A small function is sent to the workers through `LLM.collective_rpc`
-  (vLLM pickles callables only with `VLLM_ALLOW_INSECURE_SERIALIZATION=1`, which this module
-  sets before the engine starts), with the tensors as one safetensors byte string. The whole
-  state dict passes through the RPC channel, which suits small models and CPU runs; on
-  multi-GPU clusters a broadcast-based transfer (NCCL / CUDA IPC) replaces it.
+
+Weight updates run inside vLLM's worker processes through the worker extension of
+`prime/rollout/vllm_ext.py` (vLLM's layerwise reload: each layer re-processed as soon as its
+tensors have arrived). Two ways in:
+
+- `join_weight_sync` / `receive_weights`: the workers join a weight-sync group themselves and
+  receive bucket by bucket (NCCL or gloo broadcast, or a shared staging buffer on the same device;
+  `prime/rollout/weight_transfer.py`). This is the path for large models.
+- `load_weights(named_tensors)`: tensors held by the calling process, sent in safetensors chunks
+  of at most `chunk_bytes` through `LLM.collective_rpc`. vLLM's msgpack encoder refuses any bytes
+  object over 2^32-1, so one blob of a >= 4 GiB model would fail; chunks keep every message small
+  and the engine's extra host memory to about one chunk.
 
 Scripts that create a `VLLMEngine` need an `if __name__ == "__main__":` guard: vLLM starts its
 engine core in a separate process.
@@ -31,21 +35,33 @@ from collections.abc import Iterable
 import torch
 
 from prime.rollout.base import FINISH_REASONS, Completion, check_sampling_args, check_score_args
+from prime.rollout.vllm_ext import EXTENSION
 
 logger = logging.getLogger(__name__)
 
 # Tied-embedding checkpoints omit lm_head.weight; vLLM's reload still needs it (see load_weights).
 _EMBED = "model.embed_tokens.weight"
 _LM_HEAD = "lm_head.weight"
+DEFAULT_CHUNK_BYTES = 256 * 2**20
+SLEEP_TAGS = ("weights", "kv_cache")
 
 
-def _reload_weights_on_worker(worker, blob: bytes) -> int:
-    """Runs inside each vLLM worker: reload checkpoint-format tensors (safetensors bytes) in place."""
-    from safetensors.torch import load
+def safetensors_chunks(named_tensors: Iterable[tuple[str, torch.Tensor]], chunk_bytes: int):
+    """Safetensors byte strings of consecutive tensors, each about `chunk_bytes` (a larger tensor
+    makes a chunk of its own); only one chunk's host copy exists at a time."""
+    from safetensors.torch import save
 
-    weights = load(blob)
-    worker.reload_weights(weights_iterator=iter(weights.items()), is_checkpoint_format=True)
-    return len(weights)
+    chunk: dict[str, torch.Tensor] = {}
+    size = 0
+    for name, t in named_tensors:
+        # clone(): safetensors refuses tensors that share storage (tied embeddings do).
+        chunk[name] = t.detach().to("cpu").contiguous().clone()
+        size += t.numel() * t.element_size()
+        if size >= chunk_bytes:
+            yield save(chunk)
+            chunk, size = {}, 0
+    if chunk:
+        yield save(chunk)
 
 
 class VLLMEngine:
@@ -64,7 +80,9 @@ class VLLMEngine:
         cpu_kv_cache_gib: KV-cache size on the CPU backend (ignored on GPUs, where
             `gpu_memory_utilization` sizes it).
         trust_remote_code: let vLLM run the modelling code a hub checkpoint ships.
-        **extra: passed to `vllm.LLM` unchanged (e.g. `enable_prefix_caching`).
+        **extra: passed to `vllm.LLM` unchanged (e.g. `enable_prefix_caching`). The worker
+            extension defaults to prime's (`prime.rollout.vllm_ext.EXTENSION`); a replacement must
+            subclass it, or the weight updates have nothing to call.
     """
 
     def __init__(
@@ -103,7 +121,9 @@ class VLLMEngine:
             enable_sleep_mode = False
         self.model_path = model_path
         self.enable_sleep_mode = enable_sleep_mode
+        self.tensor_parallel_size = tensor_parallel_size
         extra.setdefault("logprobs_mode", "processed_logprobs")
+        extra.setdefault("worker_extension_cls", EXTENSION)
         self.llm = LLM(
             model=model_path,
             tensor_parallel_size=tensor_parallel_size,
@@ -119,7 +139,7 @@ class VLLMEngine:
         self.tokenizer = self.llm.get_tokenizer()
         hf_config = self.llm.llm_engine.model_config.hf_config
         self.tie_word_embeddings = bool(getattr(hf_config, "tie_word_embeddings", False))
-        self._asleep = False
+        self._asleep: set[str] = set()  # the sleep tags not woken yet
 
     def generate(
         self,
@@ -198,40 +218,78 @@ class VLLMEngine:
             scores.append([lp[t].logprob for t, lp in zip(r, per_pos)])
         return scores
 
-    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]],
+                     chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> None:
         """Reload weights in place from (checkpoint name, tensor) pairs; no restart.
 
-        Send every tensor of the checkpoint: vLLM's reload re-processes whole layers, and on the
-        CPU backend its log-probs only match the trainer when `lm_head.weight` is sent too, even
-        for tied embeddings (it is copied from the embedding here when missing).
-        The prefix cache is cleared afterwards, since it holds keys/values of the old weights.
+        Send every tensor of the checkpoint: on the CPU backend vLLM's log-probs only match the
+        trainer when `lm_head.weight` is sent too, even for tied embeddings (it is copied from the
+        embedding here when missing). The tensors go in safetensors chunks of about `chunk_bytes`
+        (one RPC each) into one layerwise update. The prefix cache is cleared afterwards, since it
+        holds keys/values of the old weights.
         """
-        from safetensors.torch import save
-
-        weights = {}
-        for name, t in named_tensors:
-            # clone(): safetensors refuses tensors that share storage (tied embeddings do).
-            weights[name] = t.detach().to("cpu").contiguous().clone()
-        if not weights:
+        pairs = list(named_tensors)
+        if not pairs:
             raise ValueError("load_weights got no tensors")
-        if self.tie_word_embeddings and _LM_HEAD not in weights and _EMBED in weights:
-            weights[_LM_HEAD] = weights[_EMBED].clone()
-        # Sent as one safetensors blob: plain bytes pass vLLM's RPC encoding unchanged, whereas
-        # tensors nested in lists arrive undecoded.
-        self.llm.collective_rpc(_reload_weights_on_worker, args=(save(weights),))
+        names = {n for n, _ in pairs}
+        if self.tie_word_embeddings and _LM_HEAD not in names and _EMBED in names:
+            pairs.append((_LM_HEAD, dict(pairs)[_EMBED]))
+        self.llm.collective_rpc("prime_begin_update")
+        for blob in safetensors_chunks(pairs, chunk_bytes):
+            self.llm.collective_rpc("prime_load_blob", args=(blob,))
+        self.llm.collective_rpc("prime_finish_update")
         self.llm.reset_prefix_cache()
 
+    # ------------------------------------------------------------------ streaming weight sync
+    @property
+    def receivers(self) -> int:
+        """Processes that join a weight-sync group for this engine (one per tensor-parallel rank)."""
+        return self.tensor_parallel_size
+
+    def transport_infos(self, ip: str) -> list[dict]:
+        """Each worker's address and GPU identity (see `prime.rollout.weight_transfer.transport_info`)."""
+        return self.llm.collective_rpc("prime_transport_info", args=(ip,))
+
+    def join_weight_sync(self, spec: dict, first_rank: int, plan: list, bind_ip: str) -> list[int]:
+        """Every worker joins the group `spec` as rank first_rank + its rank; `plan` is the wire
+        form of the bucket plan (`buckets_to_wire`)."""
+        return self.llm.collective_rpc("prime_join_weight_sync", args=(spec, first_rank, plan, bind_ip))
+
+    def receive_weights(self) -> dict[str, float]:
+        """Receive one sync in every worker (blocks until the sender has sent every bucket)."""
+        stats = self.llm.collective_rpc("prime_receive_weights")
+        self.llm.reset_prefix_cache()
+        return {k: max(s[k] for s in stats) for k in stats[0]}
+
+    def close_weight_sync(self) -> None:
+        self.llm.collective_rpc("prime_close_weight_sync")
+
+    def memory(self, reset_peak: bool = False) -> list[dict[str, int]]:
+        """RSS and peak RSS of every worker process (bytes); `reset_peak` resets the peaks first."""
+        return self.llm.collective_rpc("prime_memory", args=(reset_peak,))
+
+    # ------------------------------------------------------------------ sleep mode
     def sleep(self, level: int = 1) -> None:
-        """Release GPU memory (weights offloaded at level 1); no-op without enable_sleep_mode."""
+        """Release GPU memory: level 1 keeps a host copy of the weights, level 2 drops them (the next
+        weight sync rewrites every tensor anyway). No-op without enable_sleep_mode."""
+        if level not in (1, 2):
+            raise ValueError(f"sleep level {level!r} is not valid; choose 1 or 2")
         if self.enable_sleep_mode and not self._asleep:
             self.llm.sleep(level=level)
-            self._asleep = True
+            self._asleep = set(SLEEP_TAGS)
 
-    def wake_up(self) -> None:
-        """Undo `sleep`; no-op without enable_sleep_mode."""
-        if self.enable_sleep_mode and self._asleep:
-            self.llm.wake_up()
-            self._asleep = False
+    def wake_up(self, tags: list[str] | tuple[str, ...] | None = None) -> None:
+        """Undo `sleep` for `tags` ("weights", "kv_cache"; None: both). Colocated training wakes the
+        weights first, syncs them, then the KV cache, so the weights and the cache are never both
+        resident next to the trainers. No-op without enable_sleep_mode."""
+        tags = list(SLEEP_TAGS if tags is None else tags)
+        bad = [t for t in tags if t not in SLEEP_TAGS]
+        if bad:
+            raise ValueError(f"wake_up tags {bad} are not valid; choose from {SLEEP_TAGS}")
+        todo = [t for t in tags if t in self._asleep]
+        if self.enable_sleep_mode and todo:
+            self.llm.wake_up(tags=todo)
+            self._asleep -= set(todo)
 
     def shutdown(self) -> None:
         """Stop the engine core process and free its memory."""

@@ -21,7 +21,7 @@ import logging
 import math
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -103,6 +103,13 @@ def ensure_distributed() -> None:
     deepspeed.init_distributed(dist_backend=backend)
 
 
+def accelerator_device() -> torch.device:
+    """This rank's device: its current GPU (Ray gives each actor its own), or the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def world_size() -> int:
     import torch.distributed as dist
 
@@ -167,54 +174,66 @@ class EngineSettings:
             raise ValueError("lr_schedule='cosine' needs total_steps (the number of optimizer steps)")
         if self.lr <= 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
+        if self.offload_params and self.zero_stage != 3:
+            raise ValueError(f"offload_params needs zero_stage=3 (parameters are partitioned only there), "
+                             f"got zero_stage={self.zero_stage}")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the weights are loaded and trained in (DeepSpeed keeps fp32 master weights)."""
+        return torch.bfloat16 if self.bf16 else torch.float32
 
 
-def build_engine(model: torch.nn.Module, settings: EngineSettings):
-    """Wrap `model` in a DeepSpeed engine with AdamW, grad-norm clipping and a warm-up/decay schedule.
+def zero_config(stage: int, *, offload_optimizer: bool = False, offload_params: bool = False) -> dict:
+    """DeepSpeed's `zero_optimization` section. Offloading is dropped on a machine without a GPU,
+    where every state is on the host already."""
+    on_gpu = torch.cuda.is_available()
+    if (offload_optimizer or offload_params) and not on_gpu:
+        logging.getLogger(__name__).info("offload settings ignored: no GPU, every state is on the host already")
+    zero: dict = {"stage": stage}
+    if offload_optimizer and on_gpu and stage > 0:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    if offload_params and on_gpu and stage == 3:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+    return zero
+
+
+def ds_config(settings: EngineSettings) -> dict:
+    """The DeepSpeed config of a trainer: the engine's and, under ZeRO-3, `zero.Init`'s.
 
     `gradient_accumulation_steps` is 1 and the caller sets the accumulation boundary by hand, see
-    the module docstring. On a machine without a GPU the CPU accelerator is used and optimizer
-    offload is meaningless (everything is already on the CPU), so it is ignored there.
+    the module docstring.
     """
     s = settings
-    ensure_distributed()
-    deepspeed = _import_deepspeed()
-    on_gpu = torch.cuda.is_available()
-    offload = bool(s.offload_optimizer and on_gpu)
-    if s.offload_optimizer and not on_gpu:
-        logging.getLogger(__name__).info("offload_optimizer ignored: no GPU, the optimizer is on the CPU already")
-
-    if s.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-
-    zero: dict = {"stage": s.zero_stage}
-    if offload and s.zero_stage > 0:
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
-    if s.offload_params and on_gpu and s.zero_stage == 3:
-        zero["offload_param"] = {"device": "cpu", "pin_memory": True}
-    config = {
+    offload = bool(s.offload_optimizer and torch.cuda.is_available())
+    return {
         "train_micro_batch_size_per_gpu": 1,
         "gradient_accumulation_steps": 1,
         "train_batch_size": world_size(),
         "gradient_clipping": float(s.grad_clip) if s.grad_clip > 0 else 0.0,
-        "zero_optimization": zero,
+        "zero_optimization": zero_config(s.zero_stage, offload_optimizer=s.offload_optimizer,
+                                         offload_params=s.offload_params),
         "bf16": {"enabled": bool(s.bf16)},
         "optimizer": {
             "type": "AdamW",
             # torch.optim.AdamW everywhere except with CPU offload, where DeepSpeedCPUAdam is the
             # fast choice; FusedAdam would need a compiled extension.
-            "params": {
-                "lr": s.lr,
-                "betas": list(s.betas),
-                "eps": s.eps,
-                "weight_decay": s.weight_decay,
-                "torch_adam": not offload,
-            },
+            "params": {"lr": s.lr, "betas": list(s.betas), "eps": s.eps, "weight_decay": s.weight_decay,
+                       "torch_adam": not offload},
         },
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+
+
+def build_engine(model: torch.nn.Module, settings: EngineSettings):
+    """Wrap `model` in a DeepSpeed engine with AdamW, grad-norm clipping and a warm-up/decay schedule."""
+    s = settings
+    ensure_distributed()
+    deepspeed = _import_deepspeed()
+    if s.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     def make_scheduler(optimizer) -> torch.optim.lr_scheduler.LambdaLR:
         def factor(step: int) -> float:
@@ -225,9 +244,104 @@ def build_engine(model: torch.nn.Module, settings: EngineSettings):
 
     params = [p for p in model.parameters() if p.requires_grad]
     engine, _, _, _ = deepspeed.initialize(
-        model=model, model_parameters=params, config=config, lr_scheduler=make_scheduler
+        model=model, model_parameters=params, config=ds_config(s), lr_scheduler=make_scheduler
     )
     return engine
+
+
+def frozen_config(bf16: bool, offload_params: bool) -> dict:
+    """DeepSpeed config of a frozen model partitioned by ZeRO-3 (no optimizer, no gradients)."""
+    return {
+        "train_micro_batch_size_per_gpu": 1,
+        "train_batch_size": world_size(),
+        "zero_optimization": zero_config(3, offload_params=offload_params),
+        "bf16": {"enabled": bool(bf16)},
+        "steps_per_print": 10**9,
+    }
+
+
+def build_frozen_engine(model: torch.nn.Module, config: dict):
+    """A ZeRO-3 inference engine over `model` (built under `zero.Init` with the same `config`): each
+    rank holds 1/world of the weights (on the host with parameter offload) and every forward
+    gathers one layer at a time, collectively."""
+    ensure_distributed()
+    deepspeed = _import_deepspeed()
+    model.requires_grad_(False)
+    engine, _, _, _ = deepspeed.initialize(model=model, config=config)
+    engine.eval()
+    return engine
+
+
+def _to_pinned_host(t: torch.Tensor, cache: dict) -> None:
+    """Move `t`'s data into a pinned host buffer kept in `cache` (reused by every later offload)."""
+    buf = cache.get(id(t))
+    if buf is None:
+        buf = cache[id(t)] = torch.empty_like(t, device="cpu").pin_memory()
+    buf.copy_(t.data)
+    t.data = buf
+
+
+def _stage3_moves_own_fp32_states(engine) -> bool:
+    """ZeRO-3's `offload_states` moves fp32 master weights and Adam moments only for DeepSpeed's
+    FusedAdam (a compiled extension); with torch's AdamW, the default here, this module moves them."""
+    inner = getattr(engine.optimizer, "optimizer", None)
+    return (engine.zero_optimization_stage() == 3 and not engine.zero_use_cpu_optimizer()
+            and type(inner).__name__ != "FusedAdam")
+
+
+def _fp32_states(engine) -> list[torch.Tensor]:
+    """ZeRO-3's fp32 master partitions and the inner optimizer's moment tensors."""
+    opt = engine.optimizer
+    states = list(opt.fp32_partitioned_groups_flat)
+    for state in opt.optimizer.state.values():
+        states += [v for k, v in state.items() if torch.is_tensor(v) and k != "step"]
+    return states
+
+
+def _params_offloaded(engine) -> bool:
+    """DeepSpeed keeps the parameter partitions on the host (`offload_param`, actor/prm.offload_params);
+    its `offload_states` then refuses to move anything."""
+    cfg = engine.zero_offload_param()
+    return cfg is not None and getattr(cfg.device, "value", cfg.device) not in (None, "none")
+
+
+def _offload_include(engine) -> list | None:
+    """The state kinds `engine.offload_states` should move (None: every kind). fp32 master weights and
+    Adam moments are left out when this module moves them itself or when DeepSpeed's CPU optimizer
+    (offload_optimizer) keeps them, and the gradient partitions too, on the host already."""
+    from deepspeed.runtime.zero.offload_config import OffloadStateTypeEnum as S
+
+    if engine.zero_use_cpu_optimizer():
+        return [S.lp_params, S.contiguous_grad_buffer] if engine.zero_optimization_stage() == 3 else [S.lp_params]
+    if _stage3_moves_own_fp32_states(engine):
+        return [S.lp_params, S.lp_grads, S.contiguous_grad_buffer]
+    return None
+
+
+def offload_engine_states(engine) -> None:
+    """Move a ZeRO (stage 1-3) engine's states to pinned host memory: weights, gradients, fp32
+    master weights and optimizer moments; `reload_engine_states` brings them back. Colocated
+    training frees the GPU this way while the rollout engines generate. What DeepSpeed already
+    offloads (offload_params, offload_optimizer) stays where it is; with offload_params only the fp32
+    states this module moves itself can go (DeepSpeed refuses to move the rest)."""
+    stage = engine.zero_optimization_stage()
+    if stage == 0:
+        raise ValueError("offloading a trainer's states needs ZeRO stage 1, 2 or 3, got zero_stage=0")
+    if _stage3_moves_own_fp32_states(engine):
+        cache = engine.__dict__.setdefault("_prime_pinned", {})
+        for t in _fp32_states(engine):
+            _to_pinned_host(t, cache)
+    if not _params_offloaded(engine):
+        engine.offload_states(include=_offload_include(engine))
+
+
+def reload_engine_states(engine) -> None:
+    """Undo `offload_engine_states`."""
+    if not _params_offloaded(engine):
+        engine.reload_states()
+    if _stage3_moves_own_fp32_states(engine):
+        for t in _fp32_states(engine):
+            t.data = t.data.to(engine.device)
 
 
 def backward_micro_batches(
@@ -267,18 +381,28 @@ def optimizer_step(engine) -> float:
     return norm
 
 
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
 def gather_named_weights(module: torch.nn.Module, zero_stage: int, tie_lm_head: bool = True) -> dict:
     """Full, HF-named state dict on the CPU (gathering ZeRO-3 partitions one tensor at a time).
 
     Tied parameters are listed under every name (`lm_head.weight` next to
-    `model.embed_tokens.weight`): inference engines expect every checkpoint tensor.
+    `model.embed_tokens.weight`): inference engines expect every checkpoint tensor. Under ZeRO-3
+    every rank takes part in each gather but only rank 0 keeps a host copy; the others return
+    the buffers only.
     """
     out: dict[str, torch.Tensor] = {}
     if zero_stage == 3:
         deepspeed = _import_deepspeed()
+        keep = _rank() == 0
         for name, p in module.named_parameters(remove_duplicate=False):
             with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
-                out[name] = p.data.detach().to("cpu", copy=True)
+                if keep:
+                    out[name] = p.data.detach().to("cpu", copy=True)
         for mod_name, mod in module.named_modules():
             for buf_name, buf in mod.named_buffers(recurse=False):
                 # Non-persistent buffers (rotary inv_freq) are not checkpoint tensors.
@@ -295,6 +419,53 @@ def gather_named_weights(module: torch.nn.Module, zero_stage: int, tie_lm_head: 
                 out["lm_head.weight"] = out[key].clone()
                 break
     return out
+
+
+def weight_sources(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every checkpoint tensor of `module` by HF name, in the module's order (a decoder layer's
+    tensors together): parameters (ZeRO-3 placeholders under ZeRO-3) and persistent buffers, a tied
+    parameter under each of its names (`lm_head.weight` next to `model.embed_tokens.weight`:
+    inference engines expect every checkpoint tensor). Nothing is copied or gathered."""
+    out = dict(module.state_dict(keep_vars=True))
+    if "lm_head.weight" not in out:
+        for key in ("model.embed_tokens.weight", "embed_tokens.weight"):
+            if key in out:
+                out["lm_head.weight"] = out[key]
+                break
+    return out
+
+
+def _full_shape(t: torch.Tensor) -> tuple[int, ...]:
+    return tuple(t.ds_shape) if hasattr(t, "ds_shape") else tuple(t.shape)
+
+
+def streamed_weight_specs(module: torch.nn.Module) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+    """(name, full shape, dtype) of every tensor `weight_sources` lists, without gathering anything."""
+    return [(name, _full_shape(t), t.dtype) for name, t in weight_sources(module).items()]
+
+
+@torch.no_grad()
+def iter_weight_buckets(module: torch.nn.Module, buckets: list) -> Iterator[dict[str, torch.Tensor]]:
+    """For each bucket of the plan, its full tensors by name, on the weights' device.
+
+    ZeRO-3 partitions are gathered one bucket at a time (a collective: every rank must drain this
+    iterator in step) and released when the next bucket is asked for, so a rank holds at most one
+    bucket of gathered weights. Without ZeRO-3 the tensors are the parameters themselves.
+    """
+    sources = weight_sources(module)
+    for bucket in buckets:
+        missing = [s.name for s in bucket.slots if s.name not in sources]
+        if missing:
+            raise ValueError(f"the bucket plan names weights the model lacks: {missing[:3]}; "
+                             f"the model has e.g. {list(sources)[:3]}")
+        named = {s.name: sources[s.name] for s in bucket.slots}
+        partitioned = list({id(t): t for t in named.values() if hasattr(t, "ds_id")}.values())
+        if partitioned:
+            deepspeed = _import_deepspeed()
+            with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None):
+                yield {name: t.detach() for name, t in named.items()}
+        else:
+            yield {name: t.detach() for name, t in named.items()}
 
 
 ENGINE_TAG = "engine"
@@ -332,8 +503,7 @@ def save_hf_folder(engine, zero_stage: int, source_path: str, out_dir: str) -> N
 
     module = engine.module
     weights = gather_named_weights(module, zero_stage)
-    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-    if rank == 0:
+    if _rank() == 0:
         os.makedirs(out_dir, exist_ok=True)
         if getattr(module.config, "tie_word_embeddings", False):
             # Tied: the head is the embedding; storing it twice confuses loaders.

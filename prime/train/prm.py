@@ -22,9 +22,10 @@ from prime.algo.implicit_prm import GRANULARITIES, NORMS, batch_norm_scale, bett
 from prime.algo.implicit_prm import token_rewards as token_rewards_of
 from prime.data.batch import Batch
 from prime.models.loading import load_model
-from prime.train.engine import EngineSettings, all_reduce
+from prime.models.memory import REF_PLACEMENTS
+from prime.train.engine import EngineSettings, all_reduce, build_frozen_engine, frozen_config
 from prime.train.losses import prm_loss
-from prime.train.trainer import Trainer
+from prime.train.trainer import EngineCaller, Trainer
 
 REFS = ("frozen", "policy")
 UPDATE_MODES = ("before", "after", "none")
@@ -35,7 +36,8 @@ class ImplicitPRM:
 
     Args:
         trainer: the PRM's trainer (its loss is a PRM loss, `prime/train/losses.py`).
-        ref_model: the frozen reference; None when the batch brings `ref_logp` (`prm.ref=policy`).
+        ref_model: the frozen reference (a module, or an `EngineCaller` over a ZeRO-3 engine); None
+            when the batch brings `ref_logp` (`prm.ref=policy`).
         beta: implicit-reward scale; granularity: "token" or "whole"; norm: "batch_norm" or "none".
     """
 
@@ -100,19 +102,47 @@ class ImplicitPRM:
         return self.rewards(logp, batch.ref_logp, batch.response_mask), metrics
 
 
+def build_reference(model_path: str, settings: EngineSettings, placement: str, device: torch.device,
+                    trust_remote_code: bool = False):
+    """The frozen reference, placed as `placement` says (REF_PLACEMENTS):
+
+    - replicated: a whole copy on every rank's device (2 bytes x params in bf16: 15 GB for 7B);
+    - sharded: ZeRO-3 partitions over the PRM's ranks (15 GB / world per GPU), gathered one layer
+      at a time in each forward (collective: every rank scores the same number of passes, which
+      `Trainer.logprobs` guarantees);
+    - offload: the same partitions in pinned host memory (nothing on the GPU between passes).
+
+    Returns something `Trainer.logprobs(batch, model=...)` can call.
+    """
+    if placement not in REF_PLACEMENTS:
+        raise ValueError(f"ref placement {placement!r} is not valid; choose one of {REF_PLACEMENTS}")
+    if placement == "replicated":
+        ref = load_model(model_path, dtype=settings.dtype, device=device, trust_remote_code=trust_remote_code)
+        ref.requires_grad_(False)
+        return ref
+    from prime.train.zero3 import build_partitioned_model
+
+    config = frozen_config(settings.bf16, offload_params=placement == "offload")
+    model = build_partitioned_model(model_path, settings.dtype, config, trust_remote_code)
+    engine = build_frozen_engine(model, config)
+    return EngineCaller(engine, engine.module)
+
+
 def build_implicit_prm(model_path: str, settings: EngineSettings, *, ref: str = "frozen", beta: float = 0.05,
                        loss: str = "ce", granularity: str = "token", norm: str = "batch_norm",
                        mini_batch_size: int, max_tokens_per_micro_batch: int, temperature: float = 1.0,
-                       seed: int = 0, trust_remote_code: bool = False) -> ImplicitPRM:
-    """The PRM trainer started from `model_path` and, with ref="frozen", a frozen copy of it."""
+                       seed: int = 0, trust_remote_code: bool = False,
+                       ref_placement: str = "replicated") -> ImplicitPRM:
+    """The PRM trainer started from `model_path` and, with ref="frozen", a frozen copy of it placed
+    as `ref_placement` says (see `build_reference`)."""
     if ref not in REFS:
         raise ValueError(f"ref={ref!r} is not valid; choose one of {REFS}")
+    if ref_placement not in REF_PLACEMENTS:
+        raise ValueError(f"ref_placement={ref_placement!r} is not valid; choose one of {REF_PLACEMENTS}")
     trainer = Trainer(model_path, prm_loss(loss, beta), settings, mini_batch_size=mini_batch_size,
                       max_tokens_per_micro_batch=max_tokens_per_micro_batch, temperature=temperature, seed=seed,
                       trust_remote_code=trust_remote_code)
     ref_model = None
     if ref == "frozen":
-        ref_model = load_model(model_path, dtype="bfloat16" if settings.bf16 else "float32", device=trainer.device,
-                               trust_remote_code=trust_remote_code)
-        ref_model.requires_grad_(False)
+        ref_model = build_reference(model_path, settings, ref_placement, trainer.device, trust_remote_code)
     return ImplicitPRM(trainer, ref_model, beta=beta, granularity=granularity, norm=norm)

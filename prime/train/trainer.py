@@ -25,7 +25,7 @@ an on-policy ratio is exactly 1, and a PRM that still equals its reference score
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -37,14 +37,21 @@ from prime.models.logprobs import response_logprobs
 from prime.train.batching import make_micro_batches, make_mini_batches
 from prime.train.engine import (
     EngineSettings,
+    accelerator_device,
     all_reduce,
     backward_micro_batches,
     build_engine,
+    ds_config,
+    ensure_distributed,
     gather_named_weights,
+    iter_weight_buckets,
     load_engine_checkpoint,
+    offload_engine_states,
     optimizer_step,
+    reload_engine_states,
     save_engine_checkpoint,
     save_hf_folder,
+    streamed_weight_specs,
     world_size,
 )
 
@@ -157,6 +164,17 @@ def make_plan(batch: Batch, mini_batch_size: int, max_tokens: int, whole_groups:
     return plan
 
 
+def load_trainable(model_path: str, settings: EngineSettings, trust_remote_code: bool = False) -> torch.nn.Module:
+    """The model in its training dtype: under ZeRO-3 built partitioned (`prime/train/zero3.py`, no
+    rank holds it whole), otherwise loaded whole onto this rank's device."""
+    if settings.zero_stage == 3:
+        from prime.train.zero3 import build_partitioned_model
+
+        return build_partitioned_model(model_path, settings.dtype, ds_config(settings), trust_remote_code)
+    ensure_distributed()
+    return load_model(model_path, dtype=settings.dtype, device=accelerator_device(), trust_remote_code=trust_remote_code)
+
+
 class Trainer:
     """A trainable causal LM: the DeepSpeed engine plus the update loop, for any `Loss`.
 
@@ -185,10 +203,11 @@ class Trainer:
         self.mini_batch_size, self.max_tokens, self.epochs = mini_batch_size, max_tokens_per_micro_batch, epochs
         self.temperature = temperature
         torch.manual_seed(seed)
-        model = load_model(model_path, dtype="float32", device="cpu", trust_remote_code=trust_remote_code)
+        model = load_trainable(model_path, settings, trust_remote_code)
         self.engine = build_engine(model, settings)
         self.device = self.engine.device
         self._caller = EngineCaller(self.engine, self.engine.module)
+        self._offloaded = False
 
     # ------------------------------------------------------------------ planning and forward passes
     def plan(self, batch: Batch) -> Plan:
@@ -205,6 +224,7 @@ class Trainer:
     def logprobs(self, batch: Batch, model: torch.nn.Module | None = None) -> torch.Tensor:
         """No-grad log-probs of the batch under the current weights (or under `model`, e.g. a frozen
         reference), pass by pass as the update plans them. # [B, T] fp32 on the CPU"""
+        self.reload_states()
         out = torch.zeros(batch.response_mask.shape, dtype=torch.float32)  # [B, T]
         micro = [mb for mini in self.plan(batch) for mb in mini]
         self._score(model if model is not None else self._caller, batch, micro, out)
@@ -233,6 +253,7 @@ class Trainer:
         forward passes (each row as scored just before its mini-batch's step).
         """
         batch.require(*self.loss.required())
+        self.reload_states()
         plan = self.plan(batch)
         check_same_on_all_ranks(len(plan), "the number of mini-batches")
         sums = dict.fromkeys(self.loss.traits.sum_keys, 0.0)
@@ -280,17 +301,49 @@ class Trainer:
         return optimizer_step(self.engine)
 
     # ------------------------------------------------------------------ weights and checkpoints
+    def weight_specs(self) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+        """(HF name, full shape, dtype) of every checkpoint tensor, `lm_head.weight` included; nothing
+        is gathered, so a weight-sync plan costs no memory."""
+        return streamed_weight_specs(self.engine.module)
+
+    def weight_buckets(self, buckets: list) -> Iterator[dict[str, torch.Tensor]]:
+        """Each bucket's full tensors in turn (collective under ZeRO-3: every rank drains it)."""
+        self.reload_states()
+        return iter_weight_buckets(self.engine.module, buckets)
+
+    def offload_states(self) -> bool:
+        """Move the engine's states to host memory (GPU only; colocated engines generate meanwhile).
+        Returns whether anything moved."""
+        if self.device.type != "cuda" or self._offloaded:
+            return False
+        offload_engine_states(self.engine)
+        self._offloaded = True
+        return True
+
+    def reload_states(self) -> bool:
+        """Undo `offload_states`; every method that computes calls it first."""
+        if not self._offloaded:
+            return False
+        reload_engine_states(self.engine)
+        self._offloaded = False
+        return True
+
     def named_weights(self) -> dict[str, torch.Tensor]:
-        """Full HF-named weights on the CPU, `lm_head.weight` included (collective under ZeRO-3)."""
+        """Full HF-named weights on the CPU, `lm_head.weight` included (collective under ZeRO-3, where
+        only rank 0 gets them; the weight sync streams `weight_buckets` instead)."""
+        self.reload_states()
         return gather_named_weights(self.engine.module, self.settings.zero_stage)
 
     def save_checkpoint(self, path: str) -> None:
         """DeepSpeed checkpoint with optimizer and LR-scheduler state (collective)."""
+        self.reload_states()
         save_engine_checkpoint(self.engine, path)
 
     def load_checkpoint(self, path: str) -> None:
+        self.reload_states()
         load_engine_checkpoint(self.engine, path)
 
     def save_hf(self, path: str) -> None:
         """Plain HF folder + the tokenizer of `model_path` (collective; rank 0 writes)."""
+        self.reload_states()
         save_hf_folder(self.engine, self.settings.zero_stage, self.model_path, path)

@@ -106,10 +106,17 @@ def test_prime_with_vllm_runs_checkpoints_and_resumes(tmp_path):
     from launch.train import run
     from prime.train.checkpoint import find_latest
 
+    # The 7B preset's memory settings in miniature: ZeRO-3 trainers built under zero.Init, the PRM's
+    # reference sharded, the weights streamed into vLLM's worker through a shared staging buffer,
+    # engines asleep while training and trainer states offloaded while generating (both no-ops
+    # without a GPU, but the driver's order runs).
+    memory = ("actor.zero_stage=3", "prm.zero_stage=3", "prm.ref_placement=sharded", "cluster.weight_sync=ipc",
+              "rollout.enable_sleep_mode=true", "cluster.offload_trainers=true")
     cfg = make_cfg(tmp_path, "algo.name=prime", "rollout.engine=vllm", "trainer.total_steps=2",
-                   "trainer.save_every=1", "trainer.run_name=prime")
+                   "trainer.save_every=1", "trainer.run_name=prime", *memory)
     run_dir = run(cfg)
-    rows = check_run(run_dir, 2, extra_keys={"prm/loss", "prm/acc", "prm/reward_mean", "policy/clip_frac"}, prm=True)
+    rows = check_run(run_dir, 2, extra_keys={"prm/loss", "prm/acc", "prm/reward_mean", "policy/clip_frac",
+                                             "weight_sync/buckets"}, prm=True)
     assert all(r["policy/lr"] > 0 for r in rows)
     ckpt = find_latest(os.path.join(run_dir, "checkpoints"))
     assert ckpt is not None and ckpt.endswith("step_000002")
@@ -119,7 +126,7 @@ def test_prime_with_vllm_runs_checkpoints_and_resumes(tmp_path):
     # Resume: the same run folder, one more step; it must continue at step 3 with the restored weights
     # synced to the fresh engine (a tiny log-prob gap) and the sampler where it stopped.
     cfg3 = make_cfg(tmp_path, "algo.name=prime", "rollout.engine=vllm", "trainer.total_steps=3",
-                    "trainer.save_every=1", "trainer.run_name=prime", "trainer.resume=auto")
+                    "trainer.save_every=1", "trainer.run_name=prime", "trainer.resume=auto", *memory)
     run(cfg3)
     rows = read_metrics(run_dir)
     assert [r["step"] for r in rows] == [1, 2, 3]

@@ -150,3 +150,17 @@ def test_sleep_wake_shutdown_are_safe(tiny_model_path):
     assert engine.generate([[1, 2]], n=1, max_new_tokens=2)[0][0].finish_reason in ("stop", "length")
     engine.shutdown()
     assert engine.model is None
+
+
+def test_safetensors_chunks_bound_each_message():
+    from safetensors.torch import load
+
+    from prime.rollout.vllm import safetensors_chunks
+
+    a, b, c = torch.zeros(10), torch.ones(300), torch.full((5,), 2.0)
+    tied = {"x": a, "y": b, "z": c, "y_alias": b}
+    # 1 KiB chunks: x (40 B) + y (1200 B) reach 1 KiB and close the first chunk; z (20 B) and the
+    # alias of y (1200 B, cloned: safetensors refuses shared storage) close the second.
+    chunks = [load(blob) for blob in safetensors_chunks(tied.items(), 1024)]
+    assert [sorted(ch) for ch in chunks] == [["x", "y"], ["y_alias", "z"]]
+    assert torch.equal(chunks[1]["y_alias"], b) and torch.equal(chunks[0]["x"], a)

@@ -94,7 +94,8 @@ def test_load_weights_in_place(engine, tiny_model_path, eos_biased_embedding):
     gen = torch.Generator().manual_seed(123)
     new = {k: v + 0.05 * torch.randn(v.shape, generator=gen) for k, v in original.items() if k != "lm_head.weight"}
     policy.load_weights(new.items())
-    engine.load_weights(new.items())
+    # 64 KiB chunks: the tiny model (~0.6 MiB) travels as about ten RPCs into one layerwise update.
+    engine.load_weights(new.items(), chunk_bytes=64 * 1024)
     after = engine.score_logprobs(PROMPTS, RESPONSES)
     expected = policy.score_logprobs(PROMPTS, RESPONSES)
     assert _max_abs_diff(after, expected) < 1e-4  # vLLM vs transformers kernels in fp32, as above
@@ -118,3 +119,18 @@ def test_sleep_wake_are_noops_without_sleep_mode(engine):
     engine.sleep()
     engine.wake_up()
     assert len(engine.generate(PROMPTS[:1], n=1, max_new_tokens=2)[0]) == 1
+
+
+def test_sleep_and_wake_check_their_arguments(engine):
+    with pytest.raises(ValueError, match="choose 1 or 2"):
+        engine.sleep(level=3)
+    with pytest.raises(ValueError, match="'weight'.*kv_cache"):
+        engine.wake_up(["weight"])
+    engine.wake_up(["weights"])  # awake already: nothing to do
+
+
+def test_workers_report_their_memory_and_gpu(engine):
+    (mem,) = engine.memory(reset_peak=True)
+    assert 0 < mem["rss"] <= mem["peak"] and mem["pid"] > 0
+    assert engine.transport_infos("127.0.0.1") == [{"ip": "127.0.0.1", "gpu": None}]
+    assert engine.receivers == 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 
 import pytest
@@ -10,11 +11,19 @@ import torch
 from prime.rollout.weight_transfer import (
     BroadcastChannel,
     Bucket,
+    SharedStaging,
     TensorSlot,
+    buckets_from_wire,
+    buckets_to_wire,
     check_specs,
     choose_backend,
     flatten_bucket,
+    join_channel,
+    max_bucket_bytes,
+    open_store,
     plan_buckets,
+    process_memory,
+    receive_into,
     unflatten_bucket,
     weight_specs,
 )
@@ -153,3 +162,131 @@ def test_gloo_channel_abort_reaches_the_receivers():
         return "raised"
 
     assert _run_group(2, body) == {0: {}, 1: "raised"}
+
+
+def test_plan_survives_the_wire_format():
+    buckets = plan_buckets(weight_specs(_named()), bucket_bytes=32)
+    wire = buckets_to_wire(buckets)
+    assert wire[0] == {"dtype": "float32", "numel": 6, "slots": [["a", [2, 3], 0, 6]]}
+    assert buckets_from_wire(wire) == buckets
+    with pytest.raises(ValueError, match="'float33'"):
+        buckets_from_wire([{"dtype": "float33", "numel": 1, "slots": []}])
+
+
+def _run_spec_group(world: int, transport: str, nbytes: int, body) -> dict:
+    """Like `_run_group`, but members join through `join_channel` (a spec, as the actors do)."""
+    store, port = open_store("127.0.0.1", world, timeout_s=30)
+    staging = SharedStaging(nbytes, torch.device("cpu")) if transport == "ipc" else None
+    spec = dict(transport=transport, host="127.0.0.1", port=port, world_size=world, backend="gloo", timeout_s=30)
+    if staging is not None:
+        spec["handle"] = staging.handle
+    results, errors = {}, []
+
+    def member(rank: int) -> None:
+        try:
+            ch = join_channel(spec, rank, "127.0.0.1", store=store if rank == 0 else None,
+                              staging=staging if rank == 0 else None)
+            results[rank] = body(ch)
+            ch.close()
+        except Exception as e:  # surfaced below
+            errors.append(e)
+
+    threads = [threading.Thread(target=member, args=(r,)) for r in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    if errors:
+        raise errors[0]
+    return results
+
+
+@pytest.mark.parametrize("transport", ["broadcast", "ipc"])
+def test_streams_bucket_by_bucket_from_an_iterator(transport):
+    named = _named()
+    buckets = plan_buckets(weight_specs(named), bucket_bytes=32)
+    produced = []
+
+    def per_bucket():  # what a ZeRO-3 trainer yields: only the current bucket's tensors
+        for b in buckets:
+            produced.append(len(produced))
+            yield {s.name: named[s.name] for s in b.slots}
+
+    def body(ch):
+        if ch.rank == 0:
+            return ch.send_stream(buckets, per_bucket())
+        got = []
+        for i, pairs in enumerate(ch.receive_stream(buckets)):
+            got.append((i, [n for n, _ in pairs], {n: t.clone() for n, t in pairs}))
+        return got
+
+    res = _run_spec_group(3, transport, max_bucket_bytes(buckets), body)
+    assert res[0]["buckets"] == 5.0 and produced == [0, 1, 2, 3, 4]
+    for r in (1, 2):
+        assert [(i, names) for i, names, _ in res[r]] == [(i, [s.name for s in b.slots]) for i, b in enumerate(buckets)]
+        for _, _, tensors in res[r]:
+            for name, t in tensors.items():
+                assert torch.equal(t, named[name])
+
+
+@pytest.mark.parametrize("transport", ["broadcast", "ipc"])
+def test_a_sender_failing_mid_stream_releases_the_receivers(transport):
+    named = _named()
+    buckets = plan_buckets(weight_specs(named), bucket_bytes=32)
+
+    def failing():
+        yield {s.name: named[s.name] for s in buckets[0].slots}
+        raise RuntimeError("gather failed")
+
+    def body(ch):
+        if ch.rank == 0:
+            with pytest.raises(RuntimeError, match="gather failed"):
+                ch.send_stream(buckets, failing())
+            return "sender raised"
+        received = []
+        with pytest.raises(RuntimeError, match="aborted"):
+            for pairs in ch.receive_stream(buckets):
+                received.append([n for n, _ in pairs])
+        return received
+
+    res = _run_spec_group(2, transport, max_bucket_bytes(buckets), body)
+    assert res == {0: "sender raised", 1: [["a"]]}  # the first bucket arrived, then the abort
+
+
+def test_receive_into_drains_the_stream_when_loading_fails():
+    named = _named()
+    buckets = plan_buckets(weight_specs(named), bucket_bytes=32)
+    loaded = []
+
+    def load(pairs):
+        loaded.append([n for n, _ in pairs])
+        if len(loaded) == 2:
+            raise KeyError("engine refused bucket 1")
+
+    def body(ch):
+        if ch.rank == 0:
+            return ch.send(buckets, named)  # completes: the receiver keeps receiving after the error
+        with pytest.raises(KeyError, match="refused"):
+            receive_into(ch, buckets, load)
+        return loaded
+
+    res = _run_spec_group(2, "broadcast", 0, body)
+    assert res[0]["buckets"] == 5.0 and res[1] == [["a"], ["c"]]
+
+
+def test_shared_staging_is_one_file_in_memory_removed_at_close():
+    staging = SharedStaging(64, torch.device("cpu"))
+    assert staging.handle["kind"] == "shm" and staging.handle["path"].startswith("/dev/shm/")
+    staging.tensor[:4] = torch.tensor([1, 2, 3, 4], dtype=torch.uint8)
+    from prime.rollout.weight_transfer import open_shared
+
+    assert open_shared(staging.handle)[:4].tolist() == [1, 2, 3, 4]  # another mapping sees the bytes
+    staging.close()
+    assert not os.path.exists(staging.handle["path"])
+    with pytest.raises(ValueError, match="'tape'"):
+        open_shared({"kind": "tape"})
+
+
+def test_process_memory_reads_proc():
+    m = process_memory()
+    assert 0 < m["rss"] <= m["peak"]
