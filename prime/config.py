@@ -133,6 +133,10 @@ class RolloutConfig:
     """vLLM sleep/wake between generation phases (colocated placement on GPUs)."""
     cpu_kv_cache_gib: int = 1
     """KV-cache size of the CPU vLLM backend, GiB."""
+    seeded: bool = True
+    """Seed every generation call from trainer.seed, the step, the oversampling round and the engine,
+    so a resumed or restarted run samples what an uninterrupted one does. false: the engines draw from
+    their own random streams (no per-request generators; runs then differ in their samples)."""
 
 
 @dataclass
