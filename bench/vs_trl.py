@@ -2,6 +2,7 @@
 
     pip install -e '.[bench]'                      # TRL (trl==1.16.0): only this benchmark needs it
     .venv/bin/python bench/vs_trl.py --points tiny,small --steps 5 [--json out.json]
+    .venv/bin/python bench/vs_trl.py --steps 4 --baseline actor.old_logprob_pass=always   # + the old step
 
 For every point (`tiny`: 8 prompts x 4 samples x <= 24 new tokens on the 2-layer preset; `small`:
 16 x 4 x <= 128 on the 4-layer, hidden-512 preset) this builds the model folder as
@@ -72,7 +73,7 @@ def prime_config(point: str, model: str, data: str, steps: int, output_dir: str,
 
     _, preset, prompts, cap = POINTS[point]
     overrides = [
-        f"model.path={model}", f"data.train_files=[{data}]", "algo.name=grpo", "algo.kl_coef=0.0",
+        f"model.path={model}", "model.warm_start_steps=0", f"data.train_files=[{data}]", "algo.name=grpo", "algo.kl_coef=0.0",
         "rollout.engine=vllm", f"rollout.n={K}", f"rollout.max_response_len={cap}", "rollout.temperature=1.0",
         "rollout.top_p=1.0", f"trainer.batch_size={prompts}", f"trainer.total_steps={steps}",
         "filter.accuracy=false", "filter.truncated=false", "filter.max_rounds=1", "trainer.resume=none",
@@ -141,7 +142,14 @@ def median_after_first(xs: list[float]) -> float:
     return statistics.median(xs[1:] if len(xs) > 1 else xs)
 
 
-def run_point(point: str, steps: int, output_dir: str, extra: list[str]) -> dict:
+def actor_code(job) -> str:
+    """Where the policy actor imports `prime` from (the checkout this benchmark measures)."""
+    import ray
+
+    return ray.get(job.roles.policy.actors[0].__ray_call__.remote(lambda self: __import__("prime").__file__))
+
+
+def run_point(point: str, steps: int, output_dir: str, extra: list[str], variant: str) -> dict:
     from launch.setup import start_job
     from launch.train import train_step
 
@@ -149,6 +157,7 @@ def run_point(point: str, steps: int, output_dir: str, extra: list[str]) -> dict
     cfg = prime_config(point, model, data, steps, output_dir, extra)
     load_before = load_averages()
     job = start_job(cfg)
+    print(f"  {point}: the policy actor imports prime from {actor_code(job)}", file=sys.stderr, flush=True)
     prime_metrics: list[dict[str, float]] = []
 
     def prime_step() -> None:
@@ -163,7 +172,7 @@ def run_point(point: str, steps: int, output_dir: str, extra: list[str]) -> dict
         trainer.train()
     finally:
         job.shutdown()
-    return summarize(point, cb, prime_metrics, load_before)
+    return summarize(point, cb, prime_metrics, load_before) | {"variant": variant}
 
 
 def summarize(point: str, cb, prime_metrics: list[dict[str, float]], load_before: list[float]) -> dict:
@@ -184,11 +193,11 @@ def summarize(point: str, cb, prime_metrics: list[dict[str, float]], load_before
 
 
 def markdown(rows: list[dict]) -> str:
-    head = ["point", "TRL step s", "prime step s", "prime/TRL", "TRL gen tok/step", "prime gen tok/step",
+    head = ["point", "prime variant", "TRL step s", "prime step s", "prime/TRL", "TRL gen tok/step", "prime gen tok/step",
             *(f"{s} s" for s in STAGES), "prime roll tok/s", "overhead s (%)", "load 1/5/15 before -> after"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r["point"], f"{r['trl_step']:.2f}", f"{r['prime_step']:.2f}", f"{r['ratio']:.2f}x",
+        cells = [r["point"], r["variant"], f"{r['trl_step']:.2f}", f"{r['prime_step']:.2f}", f"{r['ratio']:.2f}x",
                  f"{r['trl_tokens']:.0f}", f"{r['prime_tokens']:.0f}", *(f"{r[s]:.2f}" for s in STAGES),
                  f"{r['rollout_tok_s']:.0f}", f"{r['overhead']:.3f} ({r['overhead_pct']:.1f}%)",
                  f"{r['load_before']} -> {r['load_after']}"]
@@ -204,7 +213,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output-dir", default=os.path.join(ROOT, "runs", "vs_trl"),
                         help="model folders, prompts and run folders (built once, reused)")
     parser.add_argument("--prime-override", action="append", default=[],
-                        help="extra prime config override (repeatable), e.g. rollout.seeded=true")
+                        help="extra prime config override (repeatable), e.g. rollout.seeded=false")
+    parser.add_argument("--baseline", action="append", default=[],
+                        help="override (repeatable) giving a baseline variant of prime, run at every point before "
+                             "the default one, each against its own interleaved TRL run; e.g. "
+                             "actor.old_logprob_pass=always")
     args = parser.parse_args(argv)
     points = [p for p in args.points.split(",") if p]
     for p in points:
@@ -221,7 +234,10 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for p in points:
         print(f"{p}: load {load_averages()}", file=sys.stderr, flush=True)
-        rows.append(run_point(p, args.steps, args.output_dir, args.prime_override))
+        variants = ([("baseline: " + " ".join(args.baseline), args.prime_override + args.baseline)]
+                    if args.baseline else []) + [("default", args.prime_override)]
+        for name, overrides in variants:
+            rows.append(run_point(p, args.steps, args.output_dir, overrides, name))
     print(f"median step seconds after the first of {args.steps} steps; sides interleaved step by step; "
           f"prime overrides: {args.prime_override or 'none'}")
     print(markdown(rows))

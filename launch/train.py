@@ -128,8 +128,10 @@ def on_policy_update(cfg: Config, has_prm: bool) -> bool:
     """Whether the step skips the separate old-log-prob pass: the policy update is one pass (one
     epoch over one mini-batch holding the whole batch), so its own forward, before its only optimizer
     step, gives the old log-probs bit for bit; and nothing reads them before the update (the PRM
-    does with `prm.ref=policy`)."""
+    does with `prm.ref=policy`). `actor.old_logprob_pass=always` keeps the pass."""
     a = cfg.actor
+    if a.old_logprob_pass == "always":
+        return False
     single = a.ppo_epochs == 1 and (a.mini_batch_size == 0 or a.mini_batch_size >= cfg.responses_per_step)
     return single and not (has_prm and cfg.prm.ref == "policy")
 

@@ -251,6 +251,10 @@ class ActorConfig:
     """Responses per optimizer step; 0 means the whole batch (one step per PPO epoch)."""
     ppo_epochs: int = 1
     """Passes over the batch per RL step."""
+    old_logprob_pass: Literal["auto", "always"] = "auto"
+    """auto: skip the separate old-log-prob forward when the update is one pass over the whole batch
+    (one epoch, one mini-batch) and the PRM does not read the old log-probs (docs/algorithms.md
+    section 5): the update's own forward gives them bit for bit. always: run the pass every step."""
     max_tokens_per_micro_batch: int = 16384
     """Budget on rows x longest row of one policy forward/backward."""
     zero_stage: int = 2
