@@ -146,12 +146,12 @@ def filter_flags(groups: list[Group], s: Sampling) -> list[bool]:
 
 
 def collect_groups(*, rollout: ActorGroup, verifier: ActorGroup, dataset: PromptDataset, sampler: PromptSampler,
-                   batch_size: int, sampling: Sampling, seed_of: Callable[[int, int], int], multiple_of: int,
+                   batch_size: int, sampling: Sampling, seed_of: Callable[[int, int], int | None], multiple_of: int,
                    timer: StageTimer, recovery: Recovery | None = None) -> CollectResult:
     """Generate, verify and filter rounds until `batch_size` groups pass (or `max_rounds` is reached).
 
     Each round asks for the missing groups times `oversample`; `seed_of(round, engine)` seeds the
-    engines' sampling.
+    engines' sampling (None: the engine's own random stream).
     Groups that pass beyond the batch are not trained on: their prompts go back to the sampler's
     buffer and are generated again, first, in the next step (`filter/surplus_groups`), so no prompt
     is skipped and every trained response is on-policy. The batch is trimmed to a multiple of
@@ -302,11 +302,15 @@ def prm_rewards(group: ActorGroup, batch: Batch, k: int, *, mode: str, ref_is_po
     return rewards, metrics
 
 
-def policy_update(group: ActorGroup, batch: Batch, k: int, timer: StageTimer) -> dict[str, float]:
-    """One RL update of the policy; each data-parallel rank trains on its shard of whole groups."""
+def policy_update(group: ActorGroup, batch: Batch, k: int, timer: StageTimer,
+                  on_policy: bool = False) -> tuple[dict[str, float], torch.Tensor]:
+    """One RL update of the policy; each data-parallel rank trains on its shard of whole groups.
+    Returns its metrics and the log-probs [B, T] of its forward passes (with `on_policy`, a batch
+    without old_logp: the single-pass update's own log-probs serve as the old ones)."""
     parts = _shards(group, batch, k)
     sub = batch.packed().replace(old_logp=batch.old_logp, ref_logp=batch.ref_logp, advantages=batch.advantages,
                                  group_ids=batch.group_ids)
-    results = group.call(lambda a, r: a.update.remote(sub.select(parts[r])))
+    results = group.call(lambda a, r: a.update.remote(sub.select(parts[r]), on_policy))
     timer.compute("update_policy", max(sec for _, sec in results))
-    return dict(results[0][0][0])
+    logp = _gather_rows(parts, [lp for (_, lp), _ in results], batch.response_mask.shape)  # [B, T]
+    return dict(results[0][0][0]), logp

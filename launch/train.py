@@ -78,7 +78,7 @@ def rollout_stage(job: Job, step: int, timer: StageTimer) -> tuple[Batch, dict[s
     got = collect_groups(
         rollout=roles.rollout, verifier=roles.verifier, dataset=job.dataset, sampler=job.sampler,
         batch_size=cfg.trainer.batch_size, sampling=sampling_of(cfg),
-        seed_of=lambda rnd, engine: rollout_seed(cfg.trainer.seed, step, rnd, engine),
+        seed_of=lambda rnd, engine: rollout_seed(cfg.trainer.seed, step, rnd, engine) if cfg.rollout.seeded else None,
         multiple_of=cfg.cluster.policy_world_size, timer=timer, recovery=job.recovery,
     )
     if cfg.rollout.enable_sleep_mode:  # colocated: free the engines' GPU memory while training
@@ -136,6 +136,18 @@ def step_timing(timer: StageTimer, step_s: float, batch: Batch, metrics: dict[st
     return out
 
 
+def on_policy_update(cfg: Config, has_prm: bool) -> bool:
+    """Whether the step skips the separate old-log-prob pass: the policy update is one pass (one
+    epoch over one mini-batch holding the whole batch), so its own forward, before its only optimizer
+    step, gives the old log-probs bit for bit; and nothing reads them before the update (the PRM
+    does with `prm.ref=policy`). `actor.old_logprob_pass=always` keeps the pass."""
+    a = cfg.actor
+    if a.old_logprob_pass == "always":
+        return False
+    single = a.ppo_epochs == 1 and (a.mini_batch_size == 0 or a.mini_batch_size >= cfg.responses_per_step)
+    return single and not (has_prm and cfg.prm.ref == "policy")
+
+
 def train_step(job: Job, step: int, stop: Preemption | None = None) -> dict[str, float]:
     """One RL step; under preemption its stages 1-5 (no actor state changes) may be abandoned."""
     cfg, roles, k = job.cfg, job.roles, job.cfg.rollout.n
@@ -144,10 +156,13 @@ def train_step(job: Job, step: int, stop: Preemption | None = None) -> dict[str,
     with stop.abandonable() if stop is not None else contextlib.nullcontext():
         # 1-3. generate -> verify -> filter
         batch, metrics = rollout_stage(job, step, timer)
-        # 4. old log-probs from the trainer; their gap to the engine's is the weight-sync health check
-        with timer("old_logprob"):
-            batch = batch.replace(old_logp=sharded_logprobs(roles.policy, batch, k, timer, "old_logprob"))
-        metrics["rollout/logprob_gap"] = logprob_gap(batch.rollout_logp, batch.old_logp, batch.response_mask)
+        # 4. old log-probs from the trainer (unless the update's own pass gives them, see
+        # `on_policy_update`); their gap to the engine's is the weight-sync health check
+        on_policy = on_policy_update(cfg, roles.prm is not None)
+        if not on_policy:
+            with timer("old_logprob"):
+                batch = batch.replace(old_logp=sharded_logprobs(roles.policy, batch, k, timer, "old_logprob"))
+            metrics["rollout/logprob_gap"] = logprob_gap(batch.rollout_logp, batch.old_logp, batch.response_mask)
         # 5. reference log-probs, only for a KL term
         if roles.reference is not None:
             with timer("ref_logprob"):
@@ -165,7 +180,10 @@ def train_step(job: Job, step: int, stop: Preemption | None = None) -> dict[str,
     metrics |= adv_metrics
     # 8. policy update
     with timer("update_policy"):
-        metrics |= policy_update(roles.policy, batch, k, timer)
+        policy_metrics, update_logp = policy_update(roles.policy, batch, k, timer, on_policy)
+    metrics |= policy_metrics
+    if on_policy:  # the update's forward scored the batch with the weights the engines sampled from
+        metrics["rollout/logprob_gap"] = logprob_gap(batch.rollout_logp, update_logp, batch.response_mask)
     # 9. weight sync policy -> rollout engines
     metrics |= sync_stage(job, timer)
     return metrics | step_timing(timer, time.perf_counter() - t_step, batch, metrics)

@@ -139,6 +139,10 @@ class RolloutConfig:
     wake, and no host copy is kept: 15 GB of host memory per 7B engine saved); 1 keeps a host copy."""
     cpu_kv_cache_gib: int = 1
     """KV-cache size of the CPU vLLM backend, GiB."""
+    seeded: bool = True
+    """Seed every generation call from trainer.seed, the step, the oversampling round and the engine,
+    so a resumed or restarted run samples what an uninterrupted one does. false: the engines draw from
+    their own random streams (no per-request generators; runs then differ in their samples)."""
 
 
 @dataclass
@@ -259,6 +263,10 @@ class ActorConfig:
     """Responses per optimizer step; 0 means the whole batch (one step per PPO epoch)."""
     ppo_epochs: int = 1
     """Passes over the batch per RL step."""
+    old_logprob_pass: Literal["auto", "always"] = "auto"
+    """auto: skip the separate old-log-prob forward when the update is one pass over the whole batch
+    (one epoch, one mini-batch) and the PRM does not read the old log-probs (docs/algorithms.md
+    section 5): the update's own forward gives them bit for bit. always: run the pass every step."""
     max_tokens_per_micro_batch: int = 16384
     """Budget on rows x longest row of one policy forward/backward."""
     zero_stage: int = 2

@@ -44,10 +44,11 @@ class TrainingWorker(RankedWorker):
         """No-grad log-probs [B, T] of this rank's shard under the current weights, and the seconds spent."""
         return timed(lambda: self.trainer.logprobs(batch))
 
-    def update(self, batch: Batch) -> tuple[tuple[dict[str, float], torch.Tensor], float]:
-        """One update on this rank's shard: (metrics, the update's own log-probs [B, T]) and the seconds spent."""
+    def update(self, batch: Batch, on_policy: bool = False) -> tuple[tuple[dict[str, float], torch.Tensor], float]:
+        """One update on this rank's shard: (metrics, the update's own log-probs [B, T]) and the seconds spent.
+        `on_policy`: the shard has no old_logp; the single-pass update uses its own (`Trainer.update`)."""
         failpoints.reach(f"{type(self).__name__.removesuffix('Worker').lower()}.update")
-        return timed(lambda: self.trainer.update(batch))
+        return timed(lambda: self.trainer.update(batch, on_policy=on_policy))
 
     def save_checkpoint(self, path: str) -> None:
         self.trainer.save_checkpoint(path)

@@ -208,6 +208,7 @@ class Trainer:
         self.device = self.engine.device
         self._caller = EngineCaller(self.engine, self.engine.module)
         self._offloaded = False
+        self._on_policy = False
 
     # ------------------------------------------------------------------ planning and forward passes
     def plan(self, batch: Batch) -> Plan:
@@ -245,17 +246,31 @@ class Trainer:
                 out[torch.as_tensor(rows)] = fwd.logp.float().cpu()
 
     # ------------------------------------------------------------------ update
-    def update(self, batch: Batch) -> tuple[dict[str, float], torch.Tensor]:
+    def single_pass(self, batch: Batch) -> bool:
+        """Whether `update(batch)` makes one optimizer step over the whole batch (one epoch, one
+        mini-batch): its forward pass then sees the weights the batch's old log-probs would come from."""
+        return self.epochs == 1 and len(self.plan(batch)) == 1
+
+    def update(self, batch: Batch, on_policy: bool = False) -> tuple[dict[str, float], torch.Tensor]:
         """`epochs` passes over the batch, one optimizer step per mini-batch.
+
+        With `on_policy` the batch brings no `old_logp`: the update must be a single pass
+        (`single_pass`), and each micro-batch's old log-probs are its own forward's, detached. They
+        equal, bit for bit, what `logprobs` would have returned before the update (same plan, same
+        weights), so the loss and its gradient are those of the update with the separate pass.
 
         Returns the loss's metrics (over all ranks) plus `<section>/grad_norm` (mean over steps),
         `<section>/lr` and `<section>/num_steps`, and the log-probs [B, T] of the first epoch's
         forward passes (each row as scored just before its mini-batch's step).
         """
-        batch.require(*self.loss.required())
+        batch.require(*(f for f in self.loss.required() if not (on_policy and f == "old_logp")))
         self.reload_states()
         plan = self.plan(batch)
         check_same_on_all_ranks(len(plan), "the number of mini-batches")
+        if on_policy and not (self.epochs == 1 and len(plan) == 1):
+            raise ValueError(f"on_policy=True needs a single pass over the batch, but the update makes {self.epochs} "
+                             f"epoch(s) over {len(plan)} mini-batch(es); compute old_logp with logprobs() instead")
+        self._on_policy = on_policy
         sums = dict.fromkeys(self.loss.traits.sum_keys, 0.0)
         logp = torch.zeros(batch.response_mask.shape, dtype=torch.float32)  # [B, T]
         grad_norms, lrs = [], []
@@ -290,7 +305,10 @@ class Trainer:
                 # rank calls backward equally often (ZeRO-2/3 communicate inside backward).
                 return self._forward(self._caller, batch, micro[0][:1]).logp.sum() * 0.0
             fwd = self._forward(self._caller, batch, micro[k], entropy=self.loss.traits.needs_entropy)
-            loss, part = self.loss(fwd, batch.select(micro[k]), norms)
+            mb = batch.select(micro[k])
+            if self._on_policy:  # the old log-probs are this very pass's (see `update`)
+                mb = mb.replace(old_logp=fwd.logp.detach())
+            loss, part = self.loss(fwd, mb, norms)
             for key, value in part.items():
                 sums[key] += value
             if logp is not None:

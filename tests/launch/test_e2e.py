@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[2]
 # Keys every step must log, whatever the estimator.
 COMMON_KEYS = {
     "verify/mean_score", "filter/kept_groups", "filter/rounds", "rollout/logprob_gap", "response/mean_len",
-    "timing/generate", "timing/verify", "timing/old_logprob", "timing/update_policy", "timing/weight_sync",
+    "timing/generate", "timing/verify", "timing/update_policy", "timing/weight_sync",
     "timing/step", "timing/overhead", "perf/rollout_tokens_per_s", "perf/train_tokens_per_s",
     "policy/grad_norm", "policy/lr",
 }

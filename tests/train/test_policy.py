@@ -76,6 +76,33 @@ def test_logprobs_equal_the_first_update_pass_bit_for_bit(make_batch, tiny_model
     assert not torch.equal(update_logp[4:], before[4:])  # rows 4-7 were scored after the first step
 
 
+@pytest.mark.parametrize("loss", [PPOClipLoss(), PPOClipLoss(reg=Regularizers(entropy_coef=0.01)), GVPOLoss()],
+                         ids=["ppo", "ppo-entropy", "gvpo"])
+def test_on_policy_update_equals_the_update_after_an_old_logprob_pass(make_batch, tiny_model_path, loss):
+    # One mini-batch, one epoch, several micro-batches (budget 30): the separate no-grad pass and the
+    # update's own forward run the same plan on the same weights, so the old log-probs are the same
+    # bits and so are the loss, its gradient and the step. Exact equality, no tolerance.
+    with_pass = _trainer(tiny_model_path, loss, max_tokens_per_micro_batch=30)
+    skipped = _trainer(tiny_model_path, loss, max_tokens_per_micro_batch=30)
+    batch = _ppo_batch(with_pass, make_batch).replace(old_logp=None)
+    assert with_pass.single_pass(batch) and len(with_pass.plan(batch)[0]) > 1
+    m1, logp1 = with_pass.update(batch.replace(old_logp=with_pass.logprobs(batch)))
+    m2, logp2 = skipped.update(batch, on_policy=True)
+    assert torch.equal(logp1, logp2)
+    assert m1 == m2
+    p1, p2 = _params(with_pass), _params(skipped)
+    assert all(torch.equal(p1[k], p2[k]) for k in p1)
+    assert _max_diff(p1, _params(_trainer(tiny_model_path, loss))) > 1e-5  # the step did move the weights
+
+
+def test_on_policy_update_needs_a_single_pass(make_batch, tiny_model_path):
+    tr = _trainer(tiny_model_path, mini_batch_size=4)
+    batch = _ppo_batch(tr, make_batch).replace(old_logp=None)
+    assert not tr.single_pass(batch)
+    with pytest.raises(ValueError, match="single pass over the batch, but the update makes 1 epoch\\(s\\) over 2"):
+        tr.update(batch, on_policy=True)
+
+
 @pytest.mark.parametrize("loss", [PPOClipLoss(reg=Regularizers(entropy_coef=0.01)),
                                   PPOClipLoss(reg=Regularizers(loss_agg="seq-mean-token-sum-norm", entropy_coef=0.01)),
                                   GVPOLoss(reg=Regularizers(entropy_coef=0.01))], ids=["ppo-token-mean", "ppo-seq-norm", "gvpo"])

@@ -1,0 +1,252 @@
+"""prime's GRPO step against TRL's GRPOTrainer, on the same model folder, prompts and settings.
+
+    pip install -e '.[bench]'                      # TRL (trl==1.16.0): only this benchmark needs it
+    .venv/bin/python bench/vs_trl.py --points tiny,small --steps 5 [--json out.json]
+    .venv/bin/python bench/vs_trl.py --steps 4 --baseline actor.old_logprob_pass=always   # + the old step
+
+For every point (`tiny`: 8 prompts x 4 samples x <= 24 new tokens on the 2-layer preset; `small`:
+16 x 4 x <= 128 on the 4-layer, hidden-512 preset) this builds the model folder as
+`prime build-tiny-model OUT --preset P` does and the prompts as `prime make-data OUT --kind arith`
+does (both reused when present under --output-dir), then runs
+
+- TRL's `GRPOTrainer` in this process: HF `generate`, no KL (beta 0), fp32 (bf16=False: TRL's
+  default bf16 autocast is many times slower on a CPU without bf16 units), one optimizer step per
+  generation (steps_per_generation = gradient_accumulation_steps = 1, num_iterations 1), and
+- prime's GRPO through its own driver (`launch.setup.start_job`, `launch.train.train_step`) with the
+  vLLM engine, Ray actors and DeepSpeed, filters off so every step trains on the whole batch,
+
+with the same K, response cap, temperature (1.0, top-p 1, no top-k), learning rate (the preset's
+`actor.lr`), grad clip 1.0 and seed. The two sides are interleaved: a callback at the end of each TRL
+step runs one prime step, so both see the same load on the machine. Step times are medians over the
+steps after the first (a warm-up for both). A TRL step is timed from `on_step_begin` (before its
+generation) to `on_step_end` (after its optimizer step).
+
+Printed per point: each side's median step seconds and their ratio (prime / TRL), generated tokens
+per step, prime's per-stage seconds (generate, verify, old_logprob, update_policy, weight_sync),
+rollout tokens/s and its overhead (step wall time minus the actors' compute), and the load averages
+before and after. A markdown table sums it up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+POINTS = {
+    # point: (model preset, config preset, prompts per step, response cap)
+    "tiny": ("tiny", "tiny", 8, 24),
+    "small": ("small", "small", 16, 128),
+}
+K = 4
+STAGES = ("generate", "verify", "old_logprob", "update_policy", "weight_sync")
+
+
+def load_averages() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def model_and_data(point: str, output_dir: str) -> tuple[str, str]:
+    """The model folder and prompt file of a point, built as the `prime` commands build them."""
+    from prime.data.synthetic import make_synthetic_dataset
+    from prime.models.tiny import build_tiny_model, tiny_model_preset
+
+    preset = POINTS[point][0]
+    model = os.path.join(output_dir, f"model_{preset}")
+    if not os.path.exists(os.path.join(model, "config.json")):
+        build_tiny_model(model, seed=0, **tiny_model_preset(preset))  # prime build-tiny-model model --preset P
+    data = os.path.join(output_dir, "arith.parquet")
+    if not os.path.exists(data):
+        make_synthetic_dataset("arith", data, n=512, seed=0)  # prime make-data data --kind arith
+    return model, data
+
+
+def prime_config(point: str, model: str, data: str, steps: int, output_dir: str, extra: list[str]):
+    from prime.config import load_config
+
+    _, preset, prompts, cap = POINTS[point]
+    overrides = [
+        f"model.path={model}", "model.warm_start_steps=0", f"data.train_files=[{data}]", "algo.name=grpo", "algo.kl_coef=0.0",
+        "rollout.engine=vllm", f"rollout.n={K}", f"rollout.max_response_len={cap}", "rollout.temperature=1.0",
+        "rollout.top_p=1.0", f"trainer.batch_size={prompts}", f"trainer.total_steps={steps}",
+        "filter.accuracy=false", "filter.truncated=false", "filter.max_rounds=1", "trainer.resume=none",
+        "trainer.save_every=0", "trainer.seed=0", "logging.wandb_mode=disabled", "logging.progress_bar=false",
+        f"trainer.output_dir={output_dir}", f"trainer.run_name=vs_trl_{point}",
+    ]
+    return load_config(os.path.join(ROOT, "configs", f"{preset}_cpu.yaml"), overrides + list(extra))
+
+
+def arith_reward(completions, ground_truth, **_) -> list[float]:
+    """The verifier prime's math actors run (`prime.verifiers.math.score`), in TRL's reward signature."""
+    from prime.verifiers.math import score
+
+    texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+    return [score(t, g) for t, g in zip(texts, ground_truth)]
+
+
+def trl_trainer(point: str, model: str, data: str, steps: int, lr: float, output_dir: str, callback):
+    import torch
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+    from trl import GRPOConfig, GRPOTrainer
+
+    from launch.preflight import check_data
+
+    rows = [row for _, part in check_data("data", data) for row in part]
+    ds = Dataset.from_list([{"prompt": list(r["prompt"]), "ground_truth": str(r["reward_model"]["ground_truth"])}
+                            for r in rows])
+    _, _, prompts, cap = POINTS[point]
+    args = GRPOConfig(
+        output_dir=os.path.join(output_dir, f"trl_{point}"), max_steps=steps, learning_rate=lr,
+        per_device_train_batch_size=prompts * K, num_generations=K, gradient_accumulation_steps=1,
+        max_completion_length=cap, temperature=1.0, top_p=1.0, top_k=0, beta=0.0, num_iterations=1,
+        max_grad_norm=1.0, bf16=False, fp16=False, use_cpu=True, report_to=[], save_strategy="no",
+        logging_steps=1, seed=0, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
+        model_init_kwargs={"dtype": torch.float32}, dataloader_num_workers=0,
+    )
+    tok = AutoTokenizer.from_pretrained(model)
+    return GRPOTrainer(model=model, reward_funcs=arith_reward, args=args, train_dataset=ds,
+                       processing_class=tok, callbacks=[callback])
+
+
+def make_callback(prime_step):
+    """A TRL callback timing each step and running one prime step after it."""
+    from transformers import TrainerCallback
+
+    class Interleave(TrainerCallback):
+        def __init__(self):
+            self.t0, self.steps, self.tokens = 0.0, [], []
+
+        def on_step_begin(self, args, state, control, **kw):
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            self.steps.append(time.perf_counter() - self.t0)
+            prime_step()
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "completions/mean_length" in logs:
+                self.tokens.append(logs["completions/mean_length"] * args.per_device_train_batch_size)
+
+    return Interleave()
+
+
+def median_after_first(xs: list[float]) -> float:
+    return statistics.median(xs[1:] if len(xs) > 1 else xs)
+
+
+def actor_code(job) -> str:
+    """Where the policy actor imports `prime` from (the checkout this benchmark measures)."""
+    import ray
+
+    return ray.get(job.roles.policy.actors[0].__ray_call__.remote(lambda self: __import__("prime").__file__))
+
+
+def run_point(point: str, steps: int, output_dir: str, extra: list[str], variant: str) -> dict:
+    from launch.setup import start_job
+    from launch.train import train_step
+
+    model, data = model_and_data(point, output_dir)
+    cfg = prime_config(point, model, data, steps, output_dir, extra)
+    load_before = load_averages()
+    job = start_job(cfg)
+    print(f"  {point}: the policy actor imports prime from {actor_code(job)}", file=sys.stderr, flush=True)
+    prime_metrics: list[dict[str, float]] = []
+
+    def prime_step() -> None:
+        m = train_step(job, len(prime_metrics) + 1)
+        prime_metrics.append({k: float(v) for k, v in m.items() if isinstance(v, (int, float))})
+        print(f"  {point} prime step {len(prime_metrics)}: {m['timing/step']:.2f} s, trl step "
+              f"{cb.steps[-1]:.2f} s, load {load_averages()[0]}", file=sys.stderr, flush=True)
+
+    cb = make_callback(prime_step)
+    try:
+        trainer = trl_trainer(point, model, data, steps, cfg.actor.lr, output_dir, cb)
+        trainer.train()
+    finally:
+        job.shutdown()
+    return summarize(point, cb, prime_metrics, load_before) | {"variant": variant}
+
+
+def summarize(point: str, cb, prime_metrics: list[dict[str, float]], load_before: list[float]) -> dict:
+    def med(key: str) -> float:
+        return median_after_first([m.get(key, 0.0) for m in prime_metrics])
+
+    row = {"point": point, "trl_step": median_after_first(cb.steps), "prime_step": med("timing/step"),
+           "trl_tokens": median_after_first(cb.tokens) if cb.tokens else float("nan"),
+           "prime_tokens": med("rollout/generated_tokens"), "rollout_tok_s": med("perf/rollout_tokens_per_s"),
+           "overhead": med("timing/overhead"), "overhead_pct": 100 * med("timing/overhead_frac"),
+           "load_before": load_before, "load_after": load_averages(),
+           "trl_steps": cb.steps, "prime_steps": [m["timing/step"] for m in prime_metrics]}
+    row["ratio"] = row["prime_step"] / row["trl_step"]
+    for s in STAGES:
+        row[s] = med(f"timing/{s}")
+    row["update_compute"] = med("compute/update_policy")
+    return row
+
+
+def markdown(rows: list[dict]) -> str:
+    head = ["point", "prime variant", "TRL step s", "prime step s", "prime/TRL", "TRL gen tok/step", "prime gen tok/step",
+            *(f"{s} s" for s in STAGES), "prime roll tok/s", "overhead s (%)", "load 1/5/15 before -> after"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["point"], r["variant"], f"{r['trl_step']:.2f}", f"{r['prime_step']:.2f}", f"{r['ratio']:.2f}x",
+                 f"{r['trl_tokens']:.0f}", f"{r['prime_tokens']:.0f}", *(f"{r[s]:.2f}" for s in STAGES),
+                 f"{r['rollout_tok_s']:.0f}", f"{r['overhead']:.3f} ({r['overhead_pct']:.1f}%)",
+                 f"{r['load_before']} -> {r['load_after']}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--points", default="tiny,small", help=f"comma list of {', '.join(POINTS)}")
+    parser.add_argument("--steps", type=int, default=5, help="steps per side and point; the first is a warm-up")
+    parser.add_argument("--json", default=None, help="also write the rows (with every step's seconds) here")
+    parser.add_argument("--output-dir", default=os.path.join(ROOT, "runs", "vs_trl"),
+                        help="model folders, prompts and run folders (built once, reused)")
+    parser.add_argument("--prime-override", action="append", default=[],
+                        help="extra prime config override (repeatable), e.g. rollout.seeded=false")
+    parser.add_argument("--baseline", action="append", default=[],
+                        help="override (repeatable) giving a baseline variant of prime, run at every point before "
+                             "the default one, each against its own interleaved TRL run; e.g. "
+                             "actor.old_logprob_pass=always")
+    args = parser.parse_args(argv)
+    points = [p for p in args.points.split(",") if p]
+    for p in points:
+        if p not in POINTS:
+            parser.error(f"--points: {p!r} is not a point; valid: {', '.join(POINTS)}")
+    if args.steps < 2:
+        parser.error(f"--steps must be >= 2 (the first step is a warm-up), got {args.steps}")
+    try:
+        import trl  # noqa: F401
+    except ImportError:
+        parser.error("TRL is not installed; pip install -e '.[bench]' (trl==1.16.0)")
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    os.makedirs(args.output_dir, exist_ok=True)
+    rows = []
+    for p in points:
+        print(f"{p}: load {load_averages()}", file=sys.stderr, flush=True)
+        variants = ([("baseline: " + " ".join(args.baseline), args.prime_override + args.baseline)]
+                    if args.baseline else []) + [("default", args.prime_override)]
+        for name, overrides in variants:
+            rows.append(run_point(p, args.steps, args.output_dir, overrides, name))
+    print(f"median step seconds after the first of {args.steps} steps; sides interleaved step by step; "
+          f"prime overrides: {args.prime_override or 'none'}")
+    print(markdown(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"steps": args.steps, "rows": rows}, f, indent=1)
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,29 @@
+"""When a step skips the separate old-log-prob pass (`launch.train.on_policy_update`)."""
+
+import pytest
+
+from prime.config import build_config
+
+
+def _cfg(*overrides):
+    return build_config({}, ["trainer.batch_size=8", "rollout.n=4", *overrides])
+
+
+@pytest.mark.parametrize("overrides, has_prm, skip", [
+    ((), False, True),                                             # one epoch over the whole batch
+    (("actor.mini_batch_size=32",), False, True),                  # a mini-batch of the whole batch
+    (("actor.mini_batch_size=16",), False, False),                 # two optimizer steps: the second is off-policy
+    (("actor.ppo_epochs=2",), False, False),                       # a second epoch is off-policy
+    (("actor.old_logprob_pass=always",), False, False),            # asked for
+    (("prm.ref=policy",), True, False),                            # the PRM reads old_logp before the update
+    (("prm.ref=frozen",), True, True),
+])
+def test_on_policy_update(overrides, has_prm, skip):
+    from launch.train import on_policy_update
+
+    assert on_policy_update(_cfg(*overrides), has_prm) is skip
+
+
+def test_bad_old_logprob_pass_names_the_valid_values():
+    with pytest.raises(Exception, match="old_logprob_pass.*(auto|always)"):
+        _cfg("actor.old_logprob_pass=never")
