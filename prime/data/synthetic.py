@@ -62,6 +62,18 @@ def eval_arith(expr: str) -> Fraction:
     return ev(ast.parse(expr, mode="eval"))
 
 
+def _check_expression_args(n: int, max_operand: int, num_terms: int, template: str) -> None:
+    """Raise naming the first out-of-range argument shared by the arithmetic generators."""
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    if max_operand < 1:
+        raise ValueError(f"max_operand must be >= 1, got {max_operand}")
+    if num_terms < 2:
+        raise ValueError(f"num_terms must be >= 2, got {num_terms}")
+    if "{expr}" not in template:
+        raise ValueError(f"template must contain '{{expr}}', got {template!r}")
+
+
 def _check_ops(ops: Sequence[str]) -> tuple[str, ...]:
     ops = tuple(ops)
     bad = [o for o in ops if o not in ARITH_OPS]
@@ -89,14 +101,7 @@ def arithmetic_rows(
         num_terms: operands per expression (difficulty); precedence is the usual one.
         template: user message with an `{expr}` slot.
     """
-    if n < 0:
-        raise ValueError(f"n must be >= 0, got {n}")
-    if max_operand < 1:
-        raise ValueError(f"max_operand must be >= 1, got {max_operand}")
-    if num_terms < 2:
-        raise ValueError(f"num_terms must be >= 2, got {num_terms}")
-    if "{expr}" not in template:
-        raise ValueError(f"template must contain '{{expr}}', got {template!r}")
+    _check_expression_args(n, max_operand, num_terms, template)
     ops = _check_ops(ops)
     rng = random.Random(seed)
     rows = []
@@ -220,14 +225,7 @@ def arith_chain_rows(
     `extra_info` holds the split, the expression and its worked solution (`chain_solution`),
     the supervised target of the warm start.
     """
-    if n < 0:
-        raise ValueError(f"n must be >= 0, got {n}")
-    if max_operand < 1:
-        raise ValueError(f"max_operand must be >= 1, got {max_operand}")
-    if num_terms < 2:
-        raise ValueError(f"num_terms must be >= 2, got {num_terms}")
-    if "{expr}" not in template:
-        raise ValueError(f"template must contain '{{expr}}', got {template!r}")
+    _check_expression_args(n, max_operand, num_terms, template)
     pool = chain_expressions(split, max_operand, num_terms, float(test_fraction))
     if n > len(pool):
         raise ValueError(f"n={n} is more than the {len(pool)} distinct expressions of split {split!r} "

@@ -115,12 +115,18 @@ def test_choose_backend():
 def _run_group(world: int, body) -> dict:
     """Run `body(channel)` on `world` gloo members in threads of this process; results by rank."""
     store, port = BroadcastChannel.open_store("127.0.0.1", world, timeout_s=30)
+    return _run_members(world, lambda rank: BroadcastChannel("127.0.0.1", port, rank, world, "gloo", "127.0.0.1",
+                                                          store=store if rank == 0 else None, timeout_s=30), body)
+
+
+def _run_members(world: int, join, body) -> dict:
+    """`body(join(rank))` for every rank in threads of this process, each channel closed after; results by
+    rank, the first member's error raised."""
     results, errors = {}, []
 
     def member(rank: int) -> None:
         try:
-            ch = BroadcastChannel("127.0.0.1", port, rank, world, "gloo", "127.0.0.1",
-                                  store=store if rank == 0 else None, timeout_s=30)
+            ch = join(rank)
             results[rank] = body(ch)
             ch.close()
         except Exception as e:  # surfaced below
@@ -180,25 +186,8 @@ def _run_spec_group(world: int, transport: str, nbytes: int, body) -> dict:
     spec = dict(transport=transport, host="127.0.0.1", port=port, world_size=world, backend="gloo", timeout_s=30)
     if staging is not None:
         spec["handle"] = staging.handle
-    results, errors = {}, []
-
-    def member(rank: int) -> None:
-        try:
-            ch = join_channel(spec, rank, "127.0.0.1", store=store if rank == 0 else None,
-                              staging=staging if rank == 0 else None)
-            results[rank] = body(ch)
-            ch.close()
-        except Exception as e:  # surfaced below
-            errors.append(e)
-
-    threads = [threading.Thread(target=member, args=(r,)) for r in range(world)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    if errors:
-        raise errors[0]
-    return results
+    return _run_members(world, lambda rank: join_channel(spec, rank, "127.0.0.1", store=store if rank == 0 else None,
+                                                      staging=staging if rank == 0 else None), body)
 
 
 @pytest.mark.parametrize("transport", ["broadcast", "ipc"])
