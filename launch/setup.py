@@ -92,7 +92,8 @@ def build_sft_model(cfg: Config, out_dir: str) -> str:
     shutil.rmtree(tmp, ignore_errors=True)
     build_tiny_model(tmp, seed=cfg.trainer.seed, **tiny_model_preset(cfg.model.tiny_preset))
     if cfg.model.warm_start_steps:
-        rows = chain_rows(seed=cfg.trainer.seed)[0] if cfg.data.synthetic == "arith_chain" else None
+        rows = (chain_rows(seed=cfg.trainer.seed, bare_answers=cfg.model.warm_start_bare_answers)[0]
+                if cfg.data.synthetic == "arith_chain" else None)
         stats = sft_warm_start(tmp, rows=rows, steps=cfg.model.warm_start_steps, seed=cfg.trainer.seed,
                                system_prompt=cfg.data.system_prompt)
         log.info("warm start: %d supervised steps, loss %.3f -> %.3f in %.1f s", stats["warmstart/steps"],

@@ -73,6 +73,10 @@ class ModelConfig:
     warm_start_steps: int = 0
     """Supervised steps on the synthetic task (`data.synthetic`) applied to the locally built model before RL,
     so the demo starts, like PRIME, from an SFT model (0: start from random weights)."""
+    warm_start_bare_answers: float = 0.0
+    """Share of the warm start's arithmetic-chain examples that teach the bare boxed answer instead of the
+    worked solution (0 <= x < 1; `data.synthetic=arith_chain` only). A mixed start imitates two behaviours, one
+    far more reliable than the other, as SFT on data of mixed quality does; RL has to find the reliable one."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Weights dtype for training and rollout (fp32 on CPU; bf16 on GPUs)."""
     trust_remote_code: bool = False
@@ -633,6 +637,11 @@ def validate(cfg: Config) -> None:
     }
     for key, v in positive_ints.items():
         need(v >= 1, f"{key} must be >= 1, got {v}")
+    need(0.0 <= cfg.model.warm_start_bare_answers < 1.0,
+         f"model.warm_start_bare_answers must be in [0, 1), got {cfg.model.warm_start_bare_answers}")
+    need(cfg.model.warm_start_bare_answers == 0.0 or cfg.data.synthetic == "arith_chain",
+         f"model.warm_start_bare_answers={cfg.model.warm_start_bare_answers} needs data.synthetic=arith_chain "
+         f"(the only task with worked solutions), got data.synthetic={cfg.data.synthetic!r}")
     if cfg.model.warm_start_steps:
         need(
             cfg.model.path == "",

@@ -63,6 +63,8 @@ BAD = [
     (["rollout"], ["not of the form section.key=value"]),
     (["model.path=/ckpt", "model.warm_start_steps=10"], ["model.warm_start_steps=10", "locally built model"]),
     (["rollout=3"], ["rollout: expected a mapping"]),
+    (["data.synthetic=arith_chain", "model.warm_start_bare_answers=1.0"], ["warm_start_bare_answers must be in [0, 1)"]),
+    (["model.warm_start_bare_answers=0.5"], ["warm_start_bare_answers=0.5 needs data.synthetic=arith_chain"]),
     (["data.train_files=[]", "data.synthetic=none"], ["data.train_files is empty"]),
     (["trainer.batch_size=3", "cluster.policy_world_size=2"], ["trainer.batch_size (3)", "cluster.policy_world_size (2)"]),
     (["actor.offload_params=true"], ["actor.offload_params=true needs actor.zero_stage=3", "actor.zero_stage=2"]),

@@ -35,6 +35,7 @@ import contextlib
 import logging
 import math
 import os
+import random
 import shutil
 import tempfile
 import time
@@ -53,6 +54,7 @@ logger = logging.getLogger(__name__)
 # set the driver draws with `arithmetic_rows(n, seed=trainer.seed)`.
 _TRAIN_SEED_OFFSET = 1_000
 _EVAL_SEED_OFFSET = 2_000
+_BARE_SEED_OFFSET = 3_000
 DEFAULT_EVAL_PROMPTS = 64
 
 # Defaults measured on the tiny preset (hidden 128, 2 layers), one thread: 500 steps of 32
@@ -74,19 +76,29 @@ CHAIN_EVAL_PROMPTS = 512
 CHAIN_MAX_NEW_TOKENS = 40
 
 
-def chain_rows(num_examples: int = CHAIN_NUM_EXAMPLES, seed: int = 0,
-               num_eval: int = CHAIN_EVAL_PROMPTS) -> tuple[list[dict], list[dict]]:
+def chain_rows(num_examples: int = CHAIN_NUM_EXAMPLES, seed: int = 0, num_eval: int = CHAIN_EVAL_PROMPTS,
+               bare_answers: float = 0.0) -> tuple[list[dict], list[dict]]:
     """Warm-start rows of the arithmetic chains (train split) and held-out rows (test split).
 
     The training rows depend on `seed` (drawn with `seed + 1000`, so they differ from an RL file
     drawn with `seed`; both are train-split instances). The held-out rows are the test split's
     seed-0 draw whatever `seed` is, so every start and every RL run is measured on the same
     problems; no test-split expression is ever a training one.
+
+    `bare_answers` is the share of training rows (a seeded draw, about that share) whose worked
+    solution is dropped, so that `target_text` teaches them the bare boxed answer: a start that
+    imitates two behaviours, writing the steps out and guessing the value at once.
     """
     from prime.data.synthetic import arith_chain_rows
 
-    return (arith_chain_rows(num_examples, "train", seed=seed + _TRAIN_SEED_OFFSET),
-            arith_chain_rows(num_eval, "test", seed=0))
+    if not 0.0 <= bare_answers < 1.0:
+        raise ValueError(f"bare_answers must be in [0, 1), got {bare_answers}")
+    rows = arith_chain_rows(num_examples, "train", seed=seed + _TRAIN_SEED_OFFSET)
+    rng = random.Random(seed + _BARE_SEED_OFFSET)
+    for row in rows:
+        if rng.random() < bare_answers:
+            row["extra_info"] = {**row["extra_info"], "solution": None}
+    return rows, arith_chain_rows(num_eval, "test", seed=0)
 
 
 @contextlib.contextmanager

@@ -272,6 +272,20 @@ def test_chain_rows_are_disjoint_and_held_out_set_is_fixed():
     assert train != arith_chain_rows(200, "train", seed=0)
 
 
+def test_chain_rows_bare_answers_drop_about_that_share_of_solutions():
+    worked, _ = chain_rows(1000, seed=0, num_eval=1)
+    mixed, _ = chain_rows(1000, seed=0, num_eval=1, bare_answers=0.6)
+    assert [r["extra_info"]["expression"] for r in mixed] == [r["extra_info"]["expression"] for r in worked]
+    bare = [r for r in mixed if r["extra_info"]["solution"] is None]
+    # Binomial(1000, 0.6): a standard deviation of 15.5 rows, so 4.5 of them either side.
+    assert 530 <= len(bare) <= 670
+    assert all(w["extra_info"]["solution"] for w in worked)  # the shared rows were not changed in place
+    assert chain_rows(1000, seed=0, num_eval=1, bare_answers=0.6) == (mixed, _)  # seeded
+    assert target_text(bare[0]) == f"\\boxed{{{bare[0]['reward_model']['ground_truth']}}}"
+    with pytest.raises(ValueError, match="bare_answers must be in"):
+        chain_rows(10, bare_answers=1.0)
+
+
 def test_greedy_accuracy_is_one_engine_pass(tiny_model_path):
     from prime.rollout.hf import HFEngine
 
