@@ -1,13 +1,14 @@
 """Does RL learn something held-out? The arithmetic-chain probe: SFT start, then held-out pass@1.
 
-    .venv/bin/python bench/arith_chain.py sft /tmp/chain_sft          # tiny preset, 300 SFT steps
+    .venv/bin/python bench/arith_chain.py sft /tmp/chain_sft          # tiny preset, 1000 SFT steps
     .venv/bin/prime make-data /tmp/chain_train.parquet --kind arith_chain --n 4096
     .venv/bin/prime train configs/arith_chain_cpu.yaml model.path=/tmp/chain_sft \\
         data.train_files=/tmp/chain_train.parquet
     .venv/bin/python bench/arith_chain.py eval runs/arith_chain_cpu   # start, checkpoints, final
 
 `sft` builds the tiny model locally and gives it `prime.train.sft.CHAIN_STEPS` supervised steps on
-worked solutions of the train split ("3+5=8\\n8+2=10\\n10-4=6\\n\\boxed{6}"), then prints its
+train-split rows, `CHAIN_BARE_ANSWERS` of them bare answers ("\\boxed{6}") and the rest worked solutions
+("3+5=8\\n8+2=10\\n10-4=6\\n\\boxed{6}"), then prints its
 held-out greedy pass@1 and sampled (temperature 1) accuracy on the test split, whose expressions
 never occur in training (`prime.data.synthetic.chain_split`).
 
@@ -28,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def build_start(out_dir: str, preset: str, steps: int, lr: float, batch_size: int, num_examples: int,
-                seed: int, num_eval: int) -> dict:
+                seed: int, num_eval: int, bare_answers: float) -> dict:
     """Build the tiny model at `out_dir`, warm-start it on worked solutions, measure it held-out."""
     import time
 
@@ -38,7 +39,7 @@ def build_start(out_dir: str, preset: str, steps: int, lr: float, batch_size: in
 
     if os.path.exists(out_dir):
         raise FileExistsError(f"{out_dir!r} exists; give a new folder for the SFT start")
-    train, held_out = chain_rows(num_examples, seed, num_eval)
+    train, held_out = chain_rows(num_examples, seed, num_eval, bare_answers)
     build_tiny_model(out_dir, seed=seed, **tiny_model_preset(preset))
     t0 = time.perf_counter()
     stats = sft_warm_start(out_dir, rows=train, steps=steps, lr=lr, batch_size=batch_size, seed=seed,
@@ -49,7 +50,7 @@ def build_start(out_dir: str, preset: str, steps: int, lr: float, batch_size: in
         greedy = engine_accuracy(engine, held_out, 1, CHAIN_MAX_NEW_TOKENS, temperature=0.0)
         sampled = engine_accuracy(engine, held_out, 4, CHAIN_MAX_NEW_TOKENS, temperature=1.0, seed=seed)
     return {"model": out_dir, "preset": preset, "steps": steps, "lr": lr, "batch_size": batch_size,
-            "num_examples": num_examples, "seed": seed, "sft_seconds": round(sft_s, 1),
+            "num_examples": num_examples, "bare_answers": bare_answers, "seed": seed, "sft_seconds": round(sft_s, 1),
             "loss": round(stats["warmstart/loss"], 4), "heldout_greedy": greedy, "heldout_sampled": sampled,
             "heldout_rows": len(held_out)}
 
@@ -139,7 +140,7 @@ def evaluate_run(run_dir: str, num_eval: int, window: int) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from prime.train.sft import CHAIN_EVAL_PROMPTS, CHAIN_NUM_EXAMPLES, CHAIN_STEPS
+    from prime.train.sft import CHAIN_BARE_ANSWERS, CHAIN_EVAL_PROMPTS, CHAIN_NUM_EXAMPLES, CHAIN_STEPS
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -150,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--num-examples", type=int, default=CHAIN_NUM_EXAMPLES)
+    p.add_argument("--bare-answers", type=float, default=CHAIN_BARE_ANSWERS,
+                   help="share of examples trained on the bare boxed answer instead of the worked steps")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-eval", type=int, default=CHAIN_EVAL_PROMPTS)
     p = sub.add_parser("eval", help="held-out greedy pass@1 along a run (or of one HF folder)")
@@ -159,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "sft":
         print(json.dumps(build_start(args.out_dir, args.preset, args.steps, args.lr, args.batch_size,
-                                     args.num_examples, args.seed, args.num_eval)))
+                                     args.num_examples, args.seed, args.num_eval, args.bare_answers)))
         return 0
     if os.path.isfile(os.path.join(args.path, "config.json")):
         from prime.train.sft import CHAIN_MAX_NEW_TOKENS, chain_rows, greedy_accuracy
