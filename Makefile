@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/prime train configs/tiny_cpu.yaml
+	$(VENV)/bin/prime train configs/arith_chain_cpu.yaml
 
 test: $(STAMP)
 	$(PY) -m pytest -q
