@@ -5,6 +5,7 @@
     .venv/bin/prime train configs/arith_chain_cpu.yaml model.path=/tmp/chain_sft \\
         data.train_files=/tmp/chain_train.parquet
     .venv/bin/python bench/arith_chain.py eval runs/arith_chain_cpu   # start, checkpoints, final
+    .venv/bin/python bench/arith_chain.py styles runs/arith_chain_cpu/final_policy  # bare vs worked
 
 `sft` builds the tiny model locally and gives it `prime.train.sft.CHAIN_STEPS` supervised steps on
 train-split rows, `CHAIN_BARE_ANSWERS` of them bare answers ("\\boxed{6}") and the rest worked solutions
@@ -139,6 +140,32 @@ def evaluate_run(run_dir: str, num_eval: int, window: int) -> list[dict]:
     return rows
 
 
+def style_accuracy(model_dir: str, num_eval: int, n: int, seed: int) -> list[dict]:
+    """Held-out accuracy split by behaviour: responses that open with the bare `\\boxed{}` value vs
+    responses that write the steps out, for greedy decoding and for `n` samples at temperature 1."""
+    from prime.rollout.hf import HFEngine
+    from prime.train.sft import CHAIN_MAX_NEW_TOKENS, _eval_prompts, chain_rows, torch_threads
+    from prime.verifiers.math import score
+
+    _, held_out = chain_rows(1, 0, num_eval)
+    rows = []
+    with torch_threads(1):
+        engine = HFEngine(model_dir, seed=seed)
+        prompts, truths = _eval_prompts(engine.tokenizer, held_out, None)
+        for temperature, k in ((0.0, 1), (1.0, n)):
+            groups = engine.generate(prompts, n=k, max_new_tokens=CHAIN_MAX_NEW_TOKENS,
+                                     temperature=temperature, seed=seed)
+            graded = [(score(c.text, gt), c.text.lstrip().startswith("\\boxed"))
+                      for group, gt in zip(groups, truths) for c in group]
+            bare = [s for s, is_bare in graded if is_bare]
+            worked = [s for s, is_bare in graded if not is_bare]
+            rows.append({"temperature": temperature, "samples": len(graded),
+                         "acc": sum(s for s, _ in graded) / len(graded), "bare_frac": len(bare) / len(graded),
+                         "acc_bare": sum(bare) / len(bare) if bare else None,
+                         "acc_worked": sum(worked) / len(worked) if worked else None})
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     from prime.train.sft import CHAIN_BARE_ANSWERS, CHAIN_EVAL_PROMPTS, CHAIN_NUM_EXAMPLES, CHAIN_STEPS
 
@@ -159,7 +186,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("path", help="a run folder (runs/<name>) or a plain HF model folder")
     p.add_argument("--num-eval", type=int, default=CHAIN_EVAL_PROMPTS)
     p.add_argument("--window", type=int, default=10, help="steps averaged into the train accuracy")
+    p = sub.add_parser("styles", help="held-out accuracy of one HF folder, bare answers vs worked steps")
+    p.add_argument("model_dir")
+    p.add_argument("--num-eval", type=int, default=256)
+    p.add_argument("--n", type=int, default=4, help="temperature-1 samples per problem")
+    p.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if args.command == "styles":
+        for row in style_accuracy(args.model_dir, args.num_eval, args.n, args.seed):
+            print(json.dumps(row))
+        return 0
     if args.command == "sft":
         print(json.dumps(build_start(args.out_dir, args.preset, args.steps, args.lr, args.batch_size,
                                      args.num_examples, args.seed, args.num_eval, args.bare_answers)))
