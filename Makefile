@@ -29,7 +29,7 @@ test: $(STAMP)
 
 # The numerics-sensitive tests once more with AVX2 kernels: what AVX2-only CPUs compute, reproduced
 # on AVX-512 machines too (float results that cross code paths differ at rounding level between them).
-NUMERICS := tests/train tests/algo tests/models/test_logprobs.py
+NUMERICS := tests/train tests/algo tests/models/test_logprobs.py tests/models/test_packing.py
 test-avx2: $(STAMP)
 	ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 $(PY) -m pytest -q $(NUMERICS)
 

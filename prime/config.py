@@ -196,7 +196,12 @@ class PRMConfig:
     offload_params: bool = False
     """Keep the PRM's parameter partitions on the host between uses (GPU runs; needs ZeRO stage 3)."""
     max_tokens_per_micro_batch: int = 16384
-    """Budget on rows x longest row of one PRM forward/backward."""
+    """Budget on the tokens of one PRM forward/backward: real tokens (sum of lengths) with
+    prm.padding_free, else rows x longest row."""
+    padding_free: bool = True
+    """Run the PRM's passes and its frozen reference's without padding: each micro-batch's rows
+    concatenated into one row, attention kept within each sequence (prime/models/packing.py). Same
+    log-probs up to fp32 rounding; bench/packing.py measures the speed."""
     gradient_checkpointing: bool = False
     """Recompute activations in the PRM's backward pass: less memory for one more forward."""
     ref_placement: Literal["replicated", "sharded", "offload"] = "replicated"
@@ -272,7 +277,12 @@ class ActorConfig:
     (one epoch, one mini-batch) and the PRM does not read the old log-probs (docs/algorithms.md
     section 5): the update's own forward gives them bit for bit. always: run the pass every step."""
     max_tokens_per_micro_batch: int = 16384
-    """Budget on rows x longest row of one policy forward/backward."""
+    """Budget on the tokens of one policy forward/backward: real tokens (sum of lengths) with
+    actor.padding_free, else rows x longest row. Also the KL reference's budget."""
+    padding_free: bool = True
+    """Run the policy's passes (old log-probs, update) and the KL reference's without padding: each
+    micro-batch's rows concatenated into one row, attention kept within each sequence
+    (prime/models/packing.py). Same log-probs up to fp32 rounding; bench/packing.py measures the speed."""
     zero_stage: int = 2
     """DeepSpeed ZeRO stage of the policy."""
     offload_optimizer: bool = False

@@ -51,6 +51,8 @@ BAD = [
     (["algo.name=ppo"], ["algo.name", "'ppo'", "one of 'prime', 'grpo', 'rloo', 'reinforce_pp', 'gvpo'"]),
     (["prm.update=sometimes"], ["prm.update", "'before', 'after', 'none'"]),
     (["filter.accuracy=maybe"], ["filter.accuracy", "expected bool"]),
+    (["actor.padding_free=packed"], ["actor.padding_free", "'packed'", "expected bool"]),
+    (["prm.padding_free=2"], ["prm.padding_free", "got 2", "expected bool"]),
     (["algo.name=rloo", "rollout.n=1"], ["algo.name=rloo", "rollout.n must be >= 2", "rollout.n=1"]),
     (["algo.name=prime", "rollout.n=1"], ["algo.name=prime", "rollout.n must be >= 2"]),
     (["algo.name=gvpo", "rollout.n=1"], ["algo.name=gvpo", "rollout.n must be >= 2"]),

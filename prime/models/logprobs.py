@@ -1,8 +1,10 @@
-"""Per-token response log-probs (and entropies) of a causal LM over the packed layout.
+"""Per-token response log-probs (and entropies) of a causal LM over the padded batch layout.
 
 The layout (left-padded prompts of width P, right-padded responses of width T) is that of
 `prime.data.batch.Batch`: the logits at columns P-1 .. P+T-2 predict the response tokens at
-columns P .. P+T-1 for all rows at once.
+columns P .. P+T-1 for all rows at once. With `padding_free=True` the model instead runs on the
+rows' real tokens concatenated into one row (`prime.models.packing`), and the results come back in
+the same [B, T] layout.
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ from __future__ import annotations
 import inspect
 
 import torch
+
+from prime.models.packing import pack_rows
 
 DEFAULT_CHUNK_TOKENS = 1024
 """Positions per chunk of the fp32 log-softmax: 1024 x 152064 (Qwen2.5 vocabulary) x 4 bytes is
@@ -32,6 +36,7 @@ def response_logprobs(
     temperature: float = 1.0,
     return_entropy: bool = False,
     chunk_tokens: int | None = DEFAULT_CHUNK_TOKENS,
+    padding_free: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Log-probs (and optionally entropies) of the response tokens under `model`.
 
@@ -50,6 +55,10 @@ def response_logprobs(
         temperature: logits are divided by it (must be > 0), matching the sampler.
         return_entropy: also return the entropy of each position's distribution, [B, T].
         chunk_tokens: positions per fp32 chunk (None: all at once).
+        padding_free: run the model once over the rows' real tokens packed into one row (no compute
+            on padding; `prime.models.packing`); the model must have been through
+            `use_packed_attention` (or use flash attention) for that to be cheaper than padding.
+            Same values up to fp32 rounding (different matmul shapes).
 
     Returns:
         logp [B, T] (and entropy [B, T] when return_entropy).
@@ -64,6 +73,9 @@ def response_logprobs(
     if T == 0:
         empty = input_ids.new_zeros((B, 0), dtype=torch.float32)
         return (empty, empty.clone()) if return_entropy else empty
+    if padding_free and bool((response_mask > 0).any()):
+        return _packed_response_logprobs(model, input_ids, attention_mask, position_ids, response_mask,
+                                         temperature, return_entropy, chunk_tokens)
 
     kwargs = {}
     if _accepts_logits_to_keep(model):
@@ -78,6 +90,31 @@ def response_logprobs(
     logits = out.logits[:, -(T + 1) : -1, :]  # [B, T, V] (a view), predicts columns P .. P+T-1
     return token_logprobs(logits, input_ids[:, P:], response_mask > 0, temperature=temperature,
                           return_entropy=return_entropy, chunk_tokens=chunk_tokens)
+
+
+def _packed_response_logprobs(model, input_ids, attention_mask, position_ids, response_mask, temperature,
+                              return_entropy, chunk_tokens):
+    """`response_logprobs` over the rows packed into one row, scattered back to [B, T]."""
+    B, T = response_mask.shape
+    packed = pack_rows(input_ids, attention_mask, position_ids, T)
+    keep = packed.keep  # [R]
+    kwargs = dict(cu_seq_lens_q=packed.cu_seq_lens, cu_seq_lens_k=packed.cu_seq_lens,
+                  max_length_q=packed.max_length, max_length_k=packed.max_length)
+    if _accepts_logits_to_keep(model):
+        kwargs["logits_to_keep"] = keep  # the LM head only on the R positions that predict response tokens
+    out = model(input_ids=packed.input_ids, attention_mask=None, position_ids=packed.position_ids,
+                use_cache=False, **kwargs)
+    # [1, R, V]; a model (or engine wrapper) that ignored logits_to_keep returned all N > R positions.
+    logits = out.logits[:, keep] if out.logits.shape[1] == packed.input_ids.shape[1] else out.logits
+    targets = packed.input_ids[:, keep + 1]  # [1, R]
+    mask = (response_mask[packed.rows, packed.cols] > 0)[None]  # [1, R]
+    stats = token_logprobs(logits, targets, mask, temperature=temperature, return_entropy=return_entropy,
+                           chunk_tokens=chunk_tokens)
+
+    def widen(x: torch.Tensor) -> torch.Tensor:  # [1, R] -> [B, T], 0 off the response tokens
+        return x.new_zeros((B, T)).index_put((packed.rows, packed.cols), x[0])
+
+    return (widen(stats[0]), widen(stats[1])) if return_entropy else widen(stats)
 
 
 def _chunk_stats(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, temperature: float,

@@ -4,9 +4,10 @@
 Pure functions over lists and tensors; no DeepSpeed here.
 
 Why a token budget: responses differ a lot in length, so a fixed number of rows per micro-batch
-either wastes memory on short rows or runs out of it on long ones. A micro-batch is padded to its
-longest row, so its cost is `rows x longest row`; we pack rows until that product would exceed
-`max_tokens_per_micro_batch`. The loss does not depend on the split because every micro-batch
+either wastes memory on short rows or runs out of it on long ones. A padded micro-batch is padded to
+its longest row, so its cost is `rows x longest row`; a padding-free one (all rows packed into one
+row, `prime.models.packing`) costs its real tokens, `sum of lengths`. We add rows until that cost
+would exceed `max_tokens_per_micro_batch`. The loss does not depend on the split because every micro-batch
 loss is normalised by the global (mini-batch, all ranks) normaliser, see `prime/train/trainer.py`.
 """
 
@@ -32,14 +33,17 @@ def make_micro_batches(
     lengths: Sequence[int],
     max_tokens_per_micro_batch: int,
     group_ids: Sequence[int] | None = None,
+    padding_free: bool = False,
 ) -> list[list[int]]:
-    """Pack samples into micro-batches whose padded size stays within a token budget.
+    """Pack samples into micro-batches whose size stays within a token budget.
 
     Args:
         lengths: number of real tokens of each sample (prompt + response).
-        max_tokens_per_micro_batch: budget on `rows x longest row` of one micro-batch.
+        max_tokens_per_micro_batch: budget on `rows x longest row` of one micro-batch, or on its
+            `sum of lengths` with `padding_free`.
         group_ids: when given, all samples with the same id land in the same micro-batch
             (GVPO and the PRM's DPO loss need whole groups).
+        padding_free: the micro-batches run packed, without padding, so only real tokens count.
 
     Returns:
         A list of index lists. Every sample is in exactly one micro-batch; indices inside a
@@ -55,17 +59,17 @@ def make_micro_batches(
 
     micro_batches: list[list[int]] = []
     current: list[int] = []
-    current_max = 0
+    total = longest = 0  # real tokens and longest row of `current`
     for unit in units:
-        unit_max = max(lengths[i] for i in unit)
-        new_rows = len(current) + len(unit)
-        new_max = max(current_max, unit_max)
-        if current and new_rows * new_max > max_tokens_per_micro_batch:
+        new_total = total + sum(lengths[i] for i in unit)
+        new_longest = max(longest, max(lengths[i] for i in unit))
+        cost = new_total if padding_free else (len(current) + len(unit)) * new_longest
+        if current and cost > max_tokens_per_micro_batch:
             micro_batches.append(sorted(current))
-            current, current_max = [], 0
-            new_rows, new_max = len(unit), unit_max
+            current, total, longest = [], 0, 0
+            new_total, new_longest = sum(lengths[i] for i in unit), max(lengths[i] for i in unit)
         current.extend(unit)
-        current_max = new_max
+        total, longest = new_total, new_longest
     if current:
         micro_batches.append(sorted(current))
     return micro_batches

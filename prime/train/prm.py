@@ -23,6 +23,7 @@ from prime.algo.implicit_prm import token_rewards as token_rewards_of
 from prime.data.batch import Batch
 from prime.models.loading import load_model
 from prime.models.memory import REF_PLACEMENTS
+from prime.models.packing import use_packed_attention
 from prime.train.engine import EngineSettings, all_reduce, build_frozen_engine, frozen_config
 from prime.train.losses import prm_loss
 from prime.train.trainer import EngineCaller, Trainer
@@ -103,7 +104,7 @@ class ImplicitPRM:
 
 
 def build_reference(model_path: str, settings: EngineSettings, placement: str, device: torch.device,
-                    trust_remote_code: bool = False):
+                    trust_remote_code: bool = False, padding_free: bool = False):
     """The frozen reference, placed as `placement` says (REF_PLACEMENTS):
 
     - replicated: a whole copy on every rank's device (2 bytes x params in bf16: 15 GB for 7B);
@@ -112,6 +113,7 @@ def build_reference(model_path: str, settings: EngineSettings, placement: str, d
       `Trainer.logprobs` guarantees);
     - offload: the same partitions in pinned host memory (nothing on the GPU between passes).
 
+    With `padding_free` the model is made ready for packed passes (`use_packed_attention`).
     Returns something `Trainer.logprobs(batch, model=...)` can call.
     """
     if placement not in REF_PLACEMENTS:
@@ -119,11 +121,15 @@ def build_reference(model_path: str, settings: EngineSettings, placement: str, d
     if placement == "replicated":
         ref = load_model(model_path, dtype=settings.dtype, device=device, trust_remote_code=trust_remote_code)
         ref.requires_grad_(False)
+        if padding_free:
+            use_packed_attention(ref)
         return ref
     from prime.train.zero3 import build_partitioned_model
 
     config = frozen_config(settings.bf16, offload_params=placement == "offload")
     model = build_partitioned_model(model_path, settings.dtype, config, trust_remote_code)
+    if padding_free:
+        use_packed_attention(model)
     engine = build_frozen_engine(model, config)
     return EngineCaller(engine, engine.module)
 
@@ -132,17 +138,18 @@ def build_implicit_prm(model_path: str, settings: EngineSettings, *, ref: str = 
                        loss: str = "ce", granularity: str = "token", norm: str = "batch_norm",
                        mini_batch_size: int, max_tokens_per_micro_batch: int, temperature: float = 1.0,
                        seed: int = 0, trust_remote_code: bool = False,
-                       ref_placement: str = "replicated") -> ImplicitPRM:
+                       ref_placement: str = "replicated", padding_free: bool = False) -> ImplicitPRM:
     """The PRM trainer started from `model_path` and, with ref="frozen", a frozen copy of it placed
-    as `ref_placement` says (see `build_reference`)."""
+    as `ref_placement` says (see `build_reference`); both run padding-free passes with `padding_free`."""
     if ref not in REFS:
         raise ValueError(f"ref={ref!r} is not valid; choose one of {REFS}")
     if ref_placement not in REF_PLACEMENTS:
         raise ValueError(f"ref_placement={ref_placement!r} is not valid; choose one of {REF_PLACEMENTS}")
     trainer = Trainer(model_path, prm_loss(loss, beta), settings, mini_batch_size=mini_batch_size,
                       max_tokens_per_micro_batch=max_tokens_per_micro_batch, temperature=temperature, seed=seed,
-                      trust_remote_code=trust_remote_code)
+                      trust_remote_code=trust_remote_code, padding_free=padding_free)
     ref_model = None
     if ref == "frozen":
-        ref_model = build_reference(model_path, settings, ref_placement, trainer.device, trust_remote_code)
+        ref_model = build_reference(model_path, settings, ref_placement, trainer.device, trust_remote_code,
+                                    padding_free)
     return ImplicitPRM(trainer, ref_model, beta=beta, granularity=granularity, norm=norm)

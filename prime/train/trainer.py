@@ -34,6 +34,7 @@ import torch
 from prime.data.batch import Batch
 from prime.models.loading import load_model
 from prime.models.logprobs import response_logprobs
+from prime.models.packing import use_packed_attention
 from prime.train.batching import make_micro_batches, make_mini_batches
 from prime.train.engine import (
     EngineSettings,
@@ -104,6 +105,7 @@ class EngineCaller:
 
     The engine's own `forward(*inputs, **kwargs)` hides whether the wrapped model accepts
     `logits_to_keep` (which saves the LM head on prompt positions), so this adapter exposes it.
+    Other keyword arguments (the packed sequences' `cu_seq_lens_q/k`, ...) go to the model as given.
     """
 
     def __init__(self, engine, module: torch.nn.Module):
@@ -113,10 +115,10 @@ class EngineCaller:
         except (TypeError, ValueError):
             self._keep = False
 
-    def forward(self, input_ids, attention_mask, position_ids, use_cache=False, logits_to_keep=0):
-        kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+    def forward(self, input_ids, attention_mask, position_ids, use_cache=False, logits_to_keep=0, **kwargs):
+        kwargs.update(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                       use_cache=use_cache)
-        if self._keep and logits_to_keep:
+        if self._keep and not (isinstance(logits_to_keep, int) and logits_to_keep == 0):  # an int or an index tensor
             kwargs["logits_to_keep"] = logits_to_keep
         return self.engine(**kwargs)
 
@@ -124,12 +126,13 @@ class EngineCaller:
 
 
 def forward_rows(model, batch: Batch, rows: Sequence[int], *, device: torch.device, temperature: float = 1.0,
-                 entropy: bool = False) -> Forward:
-    """Log-probs (and entropies) of rows `rows`, trimmed of all-padding columns for the pass and
-    padded back to the batch's response width T. Keeps the graph."""
+                 entropy: bool = False, padding_free: bool = False) -> Forward:
+    """Log-probs (and entropies) of rows `rows`, trimmed of all-padding columns for the pass (or packed
+    into one row without padding, `padding_free`) and padded back to the batch's response width T.
+    Keeps the graph."""
     ids, attn, pos, rmask = batch.select(rows).trimmed()
     out = response_logprobs(model, ids.to(device), attn.to(device), pos.to(device), rmask.to(device),
-                            temperature=temperature, return_entropy=entropy)
+                            temperature=temperature, return_entropy=entropy, padding_free=padding_free)
     pad = batch.response_width - rmask.shape[1]
 
     def widen(x: torch.Tensor) -> torch.Tensor:  # [b, T'] -> [b, T]
@@ -151,15 +154,18 @@ def check_same_on_all_ranks(n: int, what: str) -> None:
         raise ValueError(f"{what} differs between data-parallel ranks; give every rank the same number of responses")
 
 
-def make_plan(batch: Batch, mini_batch_size: int, max_tokens: int, whole_groups: bool) -> Plan:
-    """Mini-batches of about `mini_batch_size` rows, each cut into micro-batches by token budget."""
+def make_plan(batch: Batch, mini_batch_size: int, max_tokens: int, whole_groups: bool,
+              padding_free: bool = False) -> Plan:
+    """Mini-batches of about `mini_batch_size` rows, each cut into micro-batches by token budget
+    (on rows x longest row, or on real tokens when the passes are padding-free)."""
     if whole_groups:
         batch.require("group_ids")
     gids = batch.group_ids.tolist() if whole_groups else None
     lengths = batch.lengths()
     plan = []
     for mini in make_mini_batches(len(batch), mini_batch_size, gids):
-        micro = make_micro_batches([lengths[i] for i in mini], max_tokens, [gids[i] for i in mini] if gids else None)
+        micro = make_micro_batches([lengths[i] for i in mini], max_tokens, [gids[i] for i in mini] if gids else None,
+                                   padding_free=padding_free)
         plan.append([[mini[j] for j in mb] for mb in micro])
     return plan
 
@@ -183,16 +189,20 @@ class Trainer:
         loss: what to minimise (see `prime/train/losses.py`).
         settings: the engine's optimiser, schedule and ZeRO settings.
         mini_batch_size: rows per optimizer step, summed over data-parallel ranks.
-        max_tokens_per_micro_batch: budget on `rows x longest row` per forward/backward.
+        max_tokens_per_micro_batch: budget on `rows x longest row` per forward/backward (on the sum of
+            the rows' lengths with `padding_free`).
         epochs: passes over the batch per `update`.
         temperature: logits are divided by it, as in the sampler.
         seed: torch seed set before the model is built.
         trust_remote_code: passed to transformers when loading the checkpoint.
+        padding_free: every pass runs its micro-batch's rows packed into one row, no padding
+            (`prime.models.packing`; runs set it from `actor.padding_free` / `prm.padding_free`). A
+            reference model given to `logprobs` must then have been through `use_packed_attention`.
     """
 
     def __init__(self, model_path: str, loss: Loss, settings: EngineSettings, *, mini_batch_size: int,
                  max_tokens_per_micro_batch: int, epochs: int = 1, temperature: float = 1.0, seed: int = 0,
-                 trust_remote_code: bool = False):
+                 trust_remote_code: bool = False, padding_free: bool = False):
         for name, value in (("mini_batch_size", mini_batch_size), ("epochs", epochs),
                             ("max_tokens_per_micro_batch", max_tokens_per_micro_batch)):
             if value < 1:
@@ -201,9 +211,11 @@ class Trainer:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         self.model_path, self.loss, self.settings = model_path, loss, settings
         self.mini_batch_size, self.max_tokens, self.epochs = mini_batch_size, max_tokens_per_micro_batch, epochs
-        self.temperature = temperature
+        self.temperature, self.padding_free = temperature, padding_free
         torch.manual_seed(seed)
         model = load_trainable(model_path, settings, trust_remote_code)
+        if padding_free:
+            use_packed_attention(model)
         self.engine = build_engine(model, settings)
         self.device = self.engine.device
         self._caller = EngineCaller(self.engine, self.engine.module)
@@ -217,10 +229,12 @@ class Trainer:
         if self.mini_batch_size % w:
             raise ValueError(f"mini_batch_size={self.mini_batch_size} is not divisible by the data-parallel "
                              f"world size {w}")
-        return make_plan(batch, self.mini_batch_size // w, self.max_tokens, self.loss.traits.whole_groups)
+        return make_plan(batch, self.mini_batch_size // w, self.max_tokens, self.loss.traits.whole_groups,
+                         self.padding_free)
 
     def _forward(self, model, batch: Batch, rows: Sequence[int], entropy: bool = False) -> Forward:
-        return forward_rows(model, batch, rows, device=self.device, temperature=self.temperature, entropy=entropy)
+        return forward_rows(model, batch, rows, device=self.device, temperature=self.temperature, entropy=entropy,
+                            padding_free=self.padding_free)
 
     def logprobs(self, batch: Batch, model: torch.nn.Module | None = None) -> torch.Tensor:
         """No-grad log-probs of the batch under the current weights (or under `model`, e.g. a frozen

@@ -47,6 +47,22 @@ def test_micro_batches_keep_groups_whole():
     assert make_micro_batches(lengths, 5, group_ids) == [[4, 5], [0, 1], [2, 3]]
 
 
+def test_padding_free_micro_batches_count_real_tokens():
+    # lengths 5, 3, 8, 2 with budget 10 on the sum of lengths: 8 + 2 = 10 would fit but units go
+    # longest first: 8 alone (8 + 5 = 13 > 10); 5 + 3 = 8, + 2 = 10 fits.
+    assert make_micro_batches([5, 3, 8, 2], 10, padding_free=True) == [[2], [0, 1, 3]]
+    # Many short rows beside a long one: padded, 4 x 9 = 36 > 20 splits them; packed, 9 + 3 x 1 = 12 fits.
+    assert make_micro_batches([9, 1, 1, 1], 20) == [[0, 1], [2, 3]]
+    assert make_micro_batches([9, 1, 1, 1], 20, padding_free=True) == [[0, 1, 2, 3]]
+    lengths = [7, 1, 4, 4, 9, 2, 3, 6, 5, 5]
+    for budget in (1, 9, 12, 30, 1000):
+        mbs = make_micro_batches(lengths, budget, padding_free=True)
+        assert _flatten(mbs) == list(range(len(lengths)))
+        assert all(sum(lengths[i] for i in mb) <= budget or len(mb) == 1 for mb in mbs)
+    # Whole groups, counted by their real tokens: {4, 5} = 12, + {0, 1} = 19 <= 20, + {2, 3} = 23 > 20.
+    assert make_micro_batches([6, 1, 2, 2, 9, 3], 20, [0, 0, 1, 1, 2, 2], padding_free=True) == [[0, 1, 4, 5], [2, 3]]
+
+
 def test_micro_batches_reject_bad_input():
     with pytest.raises(ValueError, match="max_tokens_per_micro_batch"):
         make_micro_batches([1, 2], 0)
