@@ -61,13 +61,13 @@ def make_micro_batches(
     current: list[int] = []
     total = longest = 0  # real tokens and longest row of `current`
     for unit in units:
-        new_total = total + sum(lengths[i] for i in unit)
-        new_longest = max(longest, max(lengths[i] for i in unit))
+        unit_total, unit_longest = sum(lengths[i] for i in unit), max(lengths[i] for i in unit)
+        new_total, new_longest = total + unit_total, max(longest, unit_longest)
         cost = new_total if padding_free else (len(current) + len(unit)) * new_longest
         if current and cost > max_tokens_per_micro_batch:
             micro_batches.append(sorted(current))
-            current, total, longest = [], 0, 0
-            new_total, new_longest = sum(lengths[i] for i in unit), max(lengths[i] for i in unit)
+            current = []
+            new_total, new_longest = unit_total, unit_longest
         current.extend(unit)
         total, longest = new_total, new_longest
     if current:
