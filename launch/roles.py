@@ -16,7 +16,7 @@ from ray.util.placement_group import remove_placement_group
 
 from launch.placement import Layout
 from prime.algo import policy_loss_kind
-from prime.config import Config
+from prime.config import Config, weight_sync_kind
 from prime.train.engine import EngineSettings
 from prime.train.losses import Regularizers, policy_loss
 from workers.group import ActorGroup, PlacementError, Slot, cluster_nodes, create_placement_group, match_nodes
@@ -121,6 +121,7 @@ def rollout_engine_args(cfg: Config) -> dict[str, Any]:
         tensor_parallel_size=r.tensor_parallel_size, gpu_memory_utilization=r.gpu_memory_utilization,
         max_model_len=cfg.data.max_prompt_len + r.max_response_len, enforce_eager=r.enforce_eager,
         enable_sleep_mode=r.enable_sleep_mode, cpu_kv_cache_gib=r.cpu_kv_cache_gib,
+        in_process=r.cpu_in_process and cfg.trainer.device == "cpu" and r.tensor_parallel_size == 1,
     )
 
 
@@ -179,6 +180,6 @@ def build_roles(cfg: Config, model_path: str, prm_path: str, total_optimizer_ste
     if starts is None:
         starts = rollout.call(lambda a, r: a.ready.remote())
     # After the trainer is built and the engines are up: the streaming plan needs both.
-    weight_sync = make_weight_sync(cfg.cluster.weight_sync, policy, rollout, cfg.cluster.weight_sync_bucket_mb)
+    weight_sync = make_weight_sync(weight_sync_kind(cfg), policy, rollout, cfg.cluster.weight_sync_bucket_mb)
     return Roles(rollout=rollout, verifier=verifier, policy=policy, prm=prm, reference=reference,
                  engine_start_s=max(starts), weight_sync=weight_sync, placement_groups=list(pgs.values()))

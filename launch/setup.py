@@ -25,7 +25,7 @@ from launch.placement import Layout
 from launch.plan import check_plan
 from launch.preflight import CheckedInputs, check_inputs
 from launch.roles import Roles, build_roles, reserve
-from prime.config import Config, UserError, to_yaml
+from prime.config import Config, UserError, to_yaml, weight_sync_kind
 from prime.data.dataset import DataError, PromptDataset, build_prompt_dataset
 from prime.data.sampler import PromptSampler
 from workers import failpoints
@@ -211,7 +211,7 @@ class Job:
             self.roles.weight_sync.close()
         except Exception:  # a transport with a dead member needs no clean close
             pass
-        self.roles.weight_sync = make_weight_sync(c.weight_sync, self.roles.policy, self.roles.rollout,
+        self.roles.weight_sync = make_weight_sync(weight_sync_kind(self.cfg), self.roles.policy, self.roles.rollout,
                                                   c.weight_sync_bucket_mb)
         self.roles.weight_sync.sync()
         if c.offload_trainers:  # the sync brought the policy's states back; the engines are generating

@@ -133,7 +133,13 @@ class RolloutConfig:
     gpu_memory_utilization: float = 0.5
     """Fraction of a GPU's memory a vLLM engine may take (weights + KV cache)."""
     enforce_eager: bool = True
-    """Skip CUDA-graph capture in vLLM: faster start, slower decode."""
+    """Run vLLM's model eagerly: no CUDA-graph capture on GPUs, no torch.compile on CPUs (faster
+    start, slower decode)."""
+    cpu_in_process: bool = True
+    """CPU runs (trainer.device=cpu): run vLLM's scheduler and model inside the rollout actor, with
+    torch on every core the actor has. false: vLLM's own layout, an engine-core process plus a worker
+    process bound to all cores but the one vLLM keeps for the engine core (bench/generation.py
+    measures both). GPU engines always use vLLM's worker processes."""
     enable_sleep_mode: bool = False
     """vLLM sleep/wake between generation phases (colocated placement on GPUs): the engines sleep
     before the trainers are built and after each generation, and wake their weights, take the
@@ -393,12 +399,14 @@ class ClusterConfig:
     """Data-parallel ranks of the implicit PRM."""
     cpus_per_actor: float = 1.0
     """Logical CPUs Ray reserves for each actor."""
-    weight_sync: Literal["object_store", "broadcast", "ipc"] = "object_store"
+    weight_sync: Literal["auto", "object_store", "broadcast", "ipc"] = "auto"
     """Policy -> engine transport: the Ray object store (rank 0's whole state dict; small models);
     `broadcast`: bucket by bucket from policy rank 0 straight into every engine's worker processes
     (NCCL on GPUs, gloo on CPU); `ipc` (colocated): policy rank i hands engine i each bucket
     through a staging buffer on their shared device (CUDA IPC; /dev/shm on CPU); needs
-    rollout.num_engines = cluster.policy_world_size and rollout.tensor_parallel_size = 1."""
+    rollout.num_engines = cluster.policy_world_size and rollout.tensor_parallel_size = 1.
+    `auto` (`weight_sync_kind`): `ipc` on colocated GPUs where it applies, `broadcast` otherwise
+    (never the object store; on the CPU it skips /dev/shm, which containers often keep small)."""
     weight_sync_bucket_mb: int = 256
     """Bucket size of the streaming weight sync (broadcast, ipc), MiB: each sender and receiver
     holds about one or two buckets beyond its weights (docs/gpu_memory.md)."""
@@ -771,6 +779,18 @@ def _validate_memory(cfg: Config, need) -> None:
              f"(got {cfg.rollout.tensor_parallel_size}); use cluster.weight_sync=broadcast otherwise")
         need(cfg.trainer.device == "cpu" or cfg.cluster.placement == "colocated",
              "cluster.weight_sync=ipc on GPUs needs cluster.placement=colocated (engine i on policy rank i's GPU)")
+
+
+def weight_sync_kind(cfg: Config) -> str:
+    """The transport `cluster.weight_sync` names, with `auto` resolved: `ipc` when every engine pairs
+    with the policy rank on its GPU (colocated, one engine per rank, one GPU per engine), else
+    `broadcast`."""
+    kind = cfg.cluster.weight_sync
+    if kind != "auto":
+        return kind
+    paired = cfg.rollout.num_engines == cfg.cluster.policy_world_size and cfg.rollout.tensor_parallel_size == 1
+    colocated_gpus = cfg.trainer.device == "cuda" and cfg.cluster.placement == "colocated"
+    return "ipc" if paired and colocated_gpus else "broadcast"
 
 
 def _validate_eval(cfg: Config, need) -> None:

@@ -74,7 +74,7 @@ BAD = [
     (["cluster.offload_trainers=true", "actor.zero_stage=0"], ["cluster.offload_trainers=true", "actor.zero_stage=0"]),
     (["prm.ref=policy", "prm.ref_placement=sharded"], ["prm.ref_placement=sharded", "prm.ref=policy"]),
     (["prm.ref_placement=everywhere"], ["prm.ref_placement", "'replicated', 'sharded', 'offload'"]),
-    (["cluster.weight_sync=nccl"], ["cluster.weight_sync", "'object_store', 'broadcast', 'ipc'"]),
+    (["cluster.weight_sync=nccl"], ["cluster.weight_sync", "'auto', 'object_store', 'broadcast', 'ipc'"]),
     (["cluster.weight_sync=ipc", "rollout.num_engines=2"], ["weight_sync=ipc", "rollout.num_engines (2)",
                                                             "cluster.policy_world_size (1)"]),
     (["cluster.weight_sync=ipc", "trainer.device=cuda"], ["weight_sync=ipc", "cluster.placement=colocated"]),
@@ -151,3 +151,18 @@ def test_a_float_override_written_without_a_dot_is_a_float():
     # YAML 1.1 reads 1e-4 as a string; the key's type says it is a float.
     cfg = load_config(None, ["actor.lr=1e-4", "prm.lr=3E-6"])
     assert cfg.actor.lr == 1e-4 and cfg.prm.lr == 3e-6
+
+
+@pytest.mark.parametrize("overrides,kind", [
+    ([], "broadcast"),  # CPU: never the object store, never /dev/shm
+    (["trainer.device=cuda", "cluster.placement=colocated"], "ipc"),
+    (["trainer.device=cuda", "cluster.placement=colocated", "rollout.num_engines=2"], "broadcast"),
+    (["trainer.device=cuda", "cluster.placement=colocated", "rollout.tensor_parallel_size=2"], "broadcast"),
+    (["trainer.device=cuda", "cluster.placement=split"], "broadcast"),
+    (["cluster.weight_sync=object_store"], "object_store"),
+    (["cluster.weight_sync=ipc"], "ipc"),
+])
+def test_weight_sync_auto_resolves_by_placement(overrides, kind):
+    from prime.config import weight_sync_kind
+
+    assert weight_sync_kind(load_config(None, overrides)) == kind

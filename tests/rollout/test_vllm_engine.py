@@ -134,3 +134,48 @@ def test_workers_report_their_memory_and_gpu(engine):
     assert 0 < mem["rss"] <= mem["peak"] and mem["pid"] > 0
     assert engine.transport_infos("127.0.0.1") == [{"ip": "127.0.0.1", "gpu": None}]
     assert engine.receivers == 1
+
+
+_IN_PROCESS_SCRIPT = r"""
+import json, os, sys, torch
+from prime.rollout.vllm import VLLMEngine
+eng = VLLMEngine(sys.argv[1], max_model_len=256, seed=0, in_process=True)
+out = eng.generate([[1, 40, 41], [1, 50]], n=2, max_new_tokens=6, seed=3)
+me = str(os.getpid())
+children = [p for p in os.listdir("/proc") if p.isdigit()
+            and open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()[1] == me]
+torch.set_num_threads(1)
+print(json.dumps({"tokens": [c.token_ids for g in out for c in g],
+                  "logprobs": [c.logprobs for g in out for c in g], "children": children,
+                  "threads": torch.get_num_threads()}))
+eng.shutdown()
+"""
+
+
+def test_in_process_engine_samples_like_worker_processes(engine, tiny_model_path):
+    """`in_process=True` (the rollout actors' CPU default) runs no engine-core or worker process,
+    leaves torch.set_num_threads working, and samples the same tokens for the same seed."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, OMP_NUM_THREADS="2")
+    proc = subprocess.run([sys.executable, "-c", _IN_PROCESS_SCRIPT, tiny_model_path], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["children"] == [] and got["threads"] == 1
+    ref = [c for g in engine.generate([[1, 40, 41], [1, 50]], n=2, max_new_tokens=6, seed=3) for c in g]
+    assert got["tokens"] == [c.token_ids for c in ref]
+    # Same seeds, same weights: the same tokens; log-probs agree to fp32 rounding (the two layouts
+    # run the matmuls on a different number of threads, which changes the summation order).
+    for a, c in zip(got["logprobs"], ref):
+        assert max(abs(x - y) for x, y in zip(a, c.logprobs)) < 1e-4
+
+
+def test_in_process_needs_one_cpu_engine(tiny_model_path):
+    from prime.rollout.vllm import VLLMEngine
+
+    with pytest.raises(ValueError, match="tensor_parallel_size=2"):
+        VLLMEngine(tiny_model_path, in_process=True, tensor_parallel_size=2)
