@@ -33,7 +33,8 @@ from prime.verifiers.math import DEFAULT_TIMEOUT_S as MATH_TIMEOUT_S
 
 __all__ = ["VerifierPool", "grade_item"]
 
-_PRELOAD = ["math_verify", "prime.verifiers.math", "prime.verifiers.code", "prime.verifiers.registry"]
+_PRELOAD = ["math_verify", "prime.verifiers.math", "prime.verifiers.code", "prime.verifiers.registry",
+            "prime.verifiers.warm"]  # warm: builds math grading's lazy parsers once (see that module)
 
 
 def grade_item(item: Mapping[str, Any], settings: Mapping[str, float]) -> tuple[float, str]:

@@ -99,3 +99,14 @@ def test_verifier_worker_as_ray_actor():
         ray.get(actor.shutdown.remote())
     finally:
         ray.shutdown()
+
+
+def test_forkserver_warms_math_grading_before_forking():
+    """The forkserver imports prime.verifiers.warm last, after math-verify, and its items grade as
+    a malformed box, a wrong symbolic answer, and two right ones."""
+    from prime.verifiers import pool
+    from prime.verifiers.math import score
+    from prime.verifiers.warm import WARM_ITEMS
+
+    assert pool._PRELOAD[-1] == "prime.verifiers.warm" and pool._PRELOAD[0] == "math_verify"
+    assert [score(r, t) for r, t in WARM_ITEMS] == [0.0, 0.0, 1.0, 1.0]
