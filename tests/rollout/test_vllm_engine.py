@@ -179,3 +179,14 @@ def test_in_process_needs_one_cpu_engine(tiny_model_path):
 
     with pytest.raises(ValueError, match="tensor_parallel_size=2"):
         VLLMEngine(tiny_model_path, in_process=True, tensor_parallel_size=2)
+
+
+def test_compiled_vllm_needs_a_cxx_compiler(monkeypatch):
+    """rollout.enforce_eager=false on the CPU falls back to eager (with a warning) without a compiler."""
+    from prime.rollout.vllm import _cxx_compiler
+
+    monkeypatch.setenv("CXX", "no-such-compiler-here")
+    assert _cxx_compiler() is None
+    monkeypatch.delenv("CXX")
+    monkeypatch.setenv("PATH", "/nonexistent")
+    assert _cxx_compiler() is None
