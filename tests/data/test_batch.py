@@ -60,3 +60,31 @@ def test_rows_must_agree():
         b.replace(scores=torch.zeros(3))
     with pytest.raises(ValueError, match="P >= 1"):
         Batch(b.input_ids[:, 1:], b.attention_mask[:, 1:], b.position_ids[:, 1:], b.response_mask)
+
+
+def test_pickles_through_numpy_and_back_exactly():
+    """Batches cross Ray as numpy arrays (Batch.__reduce__): every field comes back with its dtype
+    and values; bfloat16 stays a tensor; arrays Ray hands out read-only are copied, so the rebuilt
+    tensors are writable."""
+    import dataclasses
+    import pickle
+
+    import numpy as np
+
+    from prime.data.batch import _batch_from_fields, pack_sequences
+
+    b = pack_sequences([[1, 2, 3], [4]], [[5, 6], [7, 8, 9]], pad_id=0)
+    b = b.replace(group_ids=torch.tensor([0, 0]), scores=torch.tensor([1.0, 0.0]),
+                  truncated=torch.tensor([True, False]), old_logp=torch.randn(2, 3).to(torch.bfloat16))
+    c = pickle.loads(pickle.dumps(b))
+    for f in dataclasses.fields(b):
+        x, y = getattr(b, f.name), getattr(c, f.name)
+        assert (x is None and y is None) or (x.dtype == y.dtype and torch.equal(x, y)), f.name
+    frozen = [getattr(b, f.name) for f in dataclasses.fields(b)]
+    frozen = [v.numpy() if v is not None and v.dtype != torch.bfloat16 else v for v in frozen]
+    for v in frozen:
+        if isinstance(v, np.ndarray):
+            v.flags.writeable = False
+    d = _batch_from_fields(tuple(frozen))
+    d.input_ids[0, 0] = 42  # writable, and not the original's memory
+    assert int(b.input_ids[0, 0]) != 42
