@@ -1,0 +1,99 @@
+"""This machine's limits for the `small` point: what generation and the policy update would take if
+the model's matrix multiplies were all they did.
+
+    python bench/limits.py [--threads 2] [--repeats 5] [--tokens 9600] [--decode-steps 118]
+
+The `small` preset (hidden 512, 4 layers, 8 query and 2 key/value heads of 64, MLP 2048, vocabulary
+512, tied head): 15.5M parameters, about 31 MFLOP per token forward. Its linear layers in vLLM's
+fused layout are, per layer, qkv 512 -> 768, o 512 -> 512, gate_up 512 -> 4096 and down 2048 -> 512,
+then the head 512 -> 512. Rows printed (seconds: best and median of `--repeats`, fp32, `--threads`
+torch threads):
+
+    gemm 2048^3                  the square multiply, GFLOP/s: the machine's best case
+    decode linears (64 rows)     every linear layer once per step at the decode batch of the small
+                                 point (16 prompts x 4 samples), for `--decode-steps` steps: the
+                                 generation of 64 x steps tokens without attention, sampling or any
+                                 framework; tokens/s = 64 x steps / seconds
+    train linears (N rows)       each linear layer's forward and both backward multiplies (input and
+                                 weight gradients) over `--tokens` packed tokens: the policy update's
+                                 forward + backward without attention, norms or the optimizer
+
+Prints the load averages before and after; other jobs on the cores inflate every row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+import torch
+
+HIDDEN, LAYERS, MLP, VOCAB, Q, KV = 512, 4, 2048, 512, 512, 128
+# (in, out) of each linear layer, vLLM's fused layout; the head last
+LINEARS = [(HIDDEN, Q + 2 * KV), (Q, HIDDEN), (HIDDEN, 2 * MLP), (MLP, HIDDEN)] * LAYERS + [(HIDDEN, VOCAB)]
+
+
+def timed(fn, repeats: int) -> tuple[float, float]:
+    fn()  # warm-up
+    xs = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        xs.append(time.perf_counter() - t0)
+    return min(xs), statistics.median(xs)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--tokens", type=int, default=9600, help="packed tokens of one update (the small point: ~9.6k)")
+    ap.add_argument("--decode-steps", type=int, default=118, help="decode steps (the small point: ~118 tokens each)")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    print(f"load {[round(x, 2) for x in os.getloadavg()]}; torch threads {torch.get_num_threads()}")
+    g = torch.Generator().manual_seed(0)
+    rows = []
+
+    a, b = torch.randn(2048, 2048, generator=g), torch.randn(2048, 2048, generator=g)
+    best, med = timed(lambda: a @ b, args.repeats)
+    rows.append(("gemm 2048^3", best, med, f"{2 * 2048**3 / best / 1e9:.0f} GFLOP/s"))
+
+    weights = [torch.randn(n, k, generator=g) for k, n in LINEARS]
+    x64 = {k: torch.randn(64, k, generator=g) for k, _ in LINEARS}
+
+    def decode():
+        for _ in range(args.decode_steps):
+            for (k, _), w in zip(LINEARS, weights):
+                torch.nn.functional.linear(x64[k], w)
+
+    best, med = timed(decode, args.repeats)
+    flops = sum(2 * 64 * k * n for k, n in LINEARS) * args.decode_steps
+    rows.append((f"decode linears (64 rows, {args.decode_steps} steps)", best, med,
+                 f"{64 * args.decode_steps / best:.0f} tok/s, {flops / best / 1e9:.0f} GFLOP/s"))
+
+    xs = {k: torch.randn(args.tokens, k, generator=g) for k, _ in LINEARS}
+    gys = {n: torch.randn(args.tokens, n, generator=g) for _, n in LINEARS}
+
+    def train():
+        for (k, n), w in zip(LINEARS, weights):
+            torch.nn.functional.linear(xs[k], w)  # forward [N, n]
+            gys[n] @ w  # input gradient [N, k]
+            gys[n].t() @ xs[k]  # weight gradient [n, k]
+
+    best, med = timed(train, args.repeats)
+    flops = sum(6 * args.tokens * k * n for k, n in LINEARS)
+    rows.append((f"train linears ({args.tokens} rows)", best, med,
+                 f"{flops / 1e12:.2f} TFLOP, {flops / best / 1e9:.0f} GFLOP/s"))
+
+    print("| row | best s | median s | rate |\n|---|---|---|---|")
+    for name, best, med, rate in rows:
+        print(f"| {name} | {best:.3f} | {med:.3f} | {rate} |")
+    print(f"load {[round(x, 2) for x in os.getloadavg()]}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
