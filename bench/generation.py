@@ -35,13 +35,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+from bench.vs_trl import check_warmup, choices, load_averages, median_after_first, model_and_data  # noqa: E402
 
 PROMPTS, K, CAP = 16, 4, 128
 VARIANTS = {
@@ -56,10 +57,6 @@ VARIANTS = {
     "hf": ("hf", {}, {}, True),
 }
 DEFAULT_VARIANTS = "vllm,vllm_reserved0,vllm_inproc,vllm_inproc_unseeded,hf"
-
-
-def load_averages() -> list[float]:
-    return [round(x, 2) for x in os.getloadavg()]
 
 
 def prompt_ids(model: str, data: str) -> list[list[int]]:
@@ -129,14 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.serve:
         return serve(*args.serve)
-    variants = [v for v in args.variants.split(",") if v]
-    for v in variants:
-        if v not in VARIANTS:
-            parser.error(f"--variants: {v!r} is not a variant; valid: {', '.join(VARIANTS)}")
-    if args.rounds < 2:
-        parser.error(f"--rounds must be >= 2 (the first is a warm-up), got {args.rounds}")
-    from bench.vs_trl import model_and_data
-
+    variants = choices(parser, "--variants", args.variants, VARIANTS)
+    check_warmup(parser, "--rounds", args.rounds)
     os.makedirs(args.output_dir, exist_ok=True)
     model, data = model_and_data("small", args.output_dir)
     procs = {v: start(v, model, data) for v in variants}
@@ -166,8 +157,8 @@ def main(argv: list[str] | None = None) -> int:
                 p.kill()
     rows = []
     for v in variants:
-        secs = statistics.median(c["seconds"] for c in calls[v][1:])
-        toks = statistics.median(c["tokens"] for c in calls[v][1:])
+        secs = median_after_first([c["seconds"] for c in calls[v]])
+        toks = median_after_first([c["tokens"] for c in calls[v]])
         rows.append({"variant": v, "seconds": secs, "tokens": toks, "tok_s": toks / secs,
                      "calls": calls[v]})
     print(f"{PROMPTS} prompts x {K} samples x <= {CAP} tokens, small preset, fp32; median of rounds 2-{args.rounds}; "

@@ -138,6 +138,21 @@ def make_callback(prime_step):
     return Interleave()
 
 
+def choices(parser: argparse.ArgumentParser, flag: str, text: str, valid) -> list[str]:
+    """The comma list `text` given to `flag`, each item checked against `valid` (a parser error names it)."""
+    items = [x for x in text.split(",") if x]
+    for x in items:
+        if x not in valid:
+            parser.error(f"{flag}: {x!r} is not valid; valid: {', '.join(valid)}")
+    return items
+
+
+def check_warmup(parser: argparse.ArgumentParser, flag: str, n: int) -> None:
+    """Timings take the median after a warm-up, so `flag` needs at least 2."""
+    if n < 2:
+        parser.error(f"{flag} must be >= 2 (the first is a warm-up), got {n}")
+
+
 def median_after_first(xs: list[float]) -> float:
     return statistics.median(xs[1:] if len(xs) > 1 else xs)
 
@@ -219,12 +234,8 @@ def main(argv: list[str] | None = None) -> int:
                              "the default one, each against its own interleaved TRL run; e.g. "
                              "actor.old_logprob_pass=always")
     args = parser.parse_args(argv)
-    points = [p for p in args.points.split(",") if p]
-    for p in points:
-        if p not in POINTS:
-            parser.error(f"--points: {p!r} is not a point; valid: {', '.join(POINTS)}")
-    if args.steps < 2:
-        parser.error(f"--steps must be >= 2 (the first step is a warm-up), got {args.steps}")
+    points = choices(parser, "--points", args.points, POINTS)
+    check_warmup(parser, "--steps", args.steps)
     try:
         import trl  # noqa: F401
     except ImportError:

@@ -772,13 +772,18 @@ def _validate_memory(cfg: Config, need) -> None:
          f"prm.ref_placement={cfg.prm.ref_placement} places the frozen reference, but prm.ref={cfg.prm.ref}; "
          "use prm.ref=frozen or prm.ref_placement=replicated")
     if cfg.cluster.weight_sync == "ipc":
-        need(cfg.rollout.num_engines == cfg.cluster.policy_world_size and cfg.rollout.tensor_parallel_size == 1,
+        need(_engines_pair_with_ranks(cfg),
              f"cluster.weight_sync=ipc pairs engine i with policy rank i on one device, so it needs "
              f"rollout.num_engines ({cfg.rollout.num_engines}) = cluster.policy_world_size "
              f"({cfg.cluster.policy_world_size}) and rollout.tensor_parallel_size=1 "
              f"(got {cfg.rollout.tensor_parallel_size}); use cluster.weight_sync=broadcast otherwise")
         need(cfg.trainer.device == "cpu" or cfg.cluster.placement == "colocated",
              "cluster.weight_sync=ipc on GPUs needs cluster.placement=colocated (engine i on policy rank i's GPU)")
+
+
+def _engines_pair_with_ranks(cfg: Config) -> bool:
+    """One single-process engine per policy rank, as the `ipc` weight sync pairs them."""
+    return cfg.rollout.num_engines == cfg.cluster.policy_world_size and cfg.rollout.tensor_parallel_size == 1
 
 
 def weight_sync_kind(cfg: Config) -> str:
@@ -788,9 +793,8 @@ def weight_sync_kind(cfg: Config) -> str:
     kind = cfg.cluster.weight_sync
     if kind != "auto":
         return kind
-    paired = cfg.rollout.num_engines == cfg.cluster.policy_world_size and cfg.rollout.tensor_parallel_size == 1
     colocated_gpus = cfg.trainer.device == "cuda" and cfg.cluster.placement == "colocated"
-    return "ipc" if paired and colocated_gpus else "broadcast"
+    return "ipc" if _engines_pair_with_ranks(cfg) and colocated_gpus else "broadcast"
 
 
 def _validate_eval(cfg: Config, need) -> None:

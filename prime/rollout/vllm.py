@@ -167,7 +167,6 @@ class VLLMEngine:
         # vLLM's CPU worker replaces torch.set_num_threads with a no-op to protect its thread binding;
         # in this process there is none, and the rest of the process keeps its own thread control.
         torch.set_num_threads = set_num_threads
-        self.in_process = in_process
         self.tokenizer = self.llm.get_tokenizer()
         hf_config = self.llm.llm_engine.model_config.hf_config
         self.tie_word_embeddings = bool(getattr(hf_config, "tie_word_embeddings", False))
