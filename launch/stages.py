@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+import numpy as np
 import ray
 import torch
 
@@ -233,13 +234,13 @@ def build_batch(groups: list[Group], pad_id: int) -> Batch:
         if not c.token_ids:  # an engine may return nothing; keep one masked pad so shapes stay valid
             batch.response_mask[i].zero_()
             batch.response_mask[i, 0] = 1.0
-    rollout_logp = torch.zeros(len(comps), batch.response_width)  # [B, T]
+    rollout_logp = np.zeros((len(comps), batch.response_width), dtype=np.float32)  # [B, T]
     for i, c in enumerate(comps):
         if c.logprobs:
-            rollout_logp[i, : len(c.logprobs)] = torch.tensor(c.logprobs, dtype=torch.float32)
+            rollout_logp[i, : len(c.logprobs)] = c.logprobs
     k = len(groups[0].completions)
     return batch.replace(
-        rollout_logp=rollout_logp,
+        rollout_logp=torch.from_numpy(rollout_logp),
         scores=torch.tensor([s for g in groups for s in g.scores], dtype=torch.float32),  # [B]
         group_ids=torch.arange(len(groups)).repeat_interleave(k),  # [B]
         truncated=torch.tensor([c.finish_reason == "length" for c in comps]),  # [B]

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
+import numpy as np
 import torch
 
 
@@ -133,16 +134,18 @@ def pack_sequences(prompts: list[list[int]], responses: list[list[int]], pad_id:
     b = len(prompts)
     p_width = max(len(p) for p in prompts)
     t_width = max(len(r) for r in responses)
-    input_ids = torch.full((b, p_width + t_width), pad_id, dtype=torch.long)  # [B, P+T]
-    attention_mask = torch.zeros((b, p_width + t_width), dtype=torch.long)  # [B, P+T]
-    response_mask = torch.zeros((b, t_width), dtype=torch.float32)  # [B, T]
+    # Filled in numpy (a row slice costs well under a microsecond there, several in torch), then
+    # handed to torch without a copy.
+    input_ids = np.full((b, p_width + t_width), pad_id, dtype=np.int64)  # [B, P+T]
+    attention_mask = np.zeros((b, p_width + t_width), dtype=np.int64)  # [B, P+T]
+    response_mask = np.zeros((b, t_width), dtype=np.float32)  # [B, T]
     for i, (p, r) in enumerate(zip(prompts, responses)):
-        input_ids[i, p_width - len(p) : p_width] = torch.tensor(p, dtype=torch.long)
-        attention_mask[i, p_width - len(p) : p_width] = 1
+        input_ids[i, p_width - len(p) : p_width] = p
+        attention_mask[i, p_width - len(p) : p_width + len(r)] = 1
         if r:
-            input_ids[i, p_width : p_width + len(r)] = torch.tensor(r, dtype=torch.long)
-            attention_mask[i, p_width : p_width + len(r)] = 1
+            input_ids[i, p_width : p_width + len(r)] = r
             response_mask[i, : len(r)] = 1.0
+    input_ids, attention_mask, response_mask = (torch.from_numpy(a) for a in (input_ids, attention_mask, response_mask))
     position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)  # [B, P+T]
     return Batch(input_ids, attention_mask, position_ids, response_mask)
 
