@@ -13,7 +13,9 @@ torch threads):
     decode linears (64 rows)     every linear layer once per step at the decode batch of the small
                                  point (16 prompts x 4 samples), for `--decode-steps` steps: the
                                  generation of 64 x steps tokens without attention, sampling or any
-                                 framework; tokens/s = 64 x steps / seconds
+                                 framework; tokens/s = 64 x steps / seconds. torch.nn.functional.linear
+    decode linears, oneDNN       the same on vLLM's CPU kernel for fp32 linears (oneDNN, the weight
+      prepacked                  reordered once at load): the decode floor of a vLLM engine here
     train linears (N rows)       each linear layer's forward and both backward multiplies (input and
                                  weight gradients) over `--tokens` packed tokens: the policy update's
                                  forward + backward without attention, norms or the optimizer
@@ -45,6 +47,34 @@ def timed(fn, repeats: int) -> tuple[float, float]:
     return min(xs), statistics.median(xs)
 
 
+def onednn_linear(w: torch.Tensor):
+    """`x -> x @ w.T` on the kernel vLLM's CPU backend uses for fp32 linear layers: a oneDNN matmul
+    whose weight was reordered once, at load, into the layout the kernel reads (`create_onednn_mm`,
+    block size 32 as vLLM passes it). None where vLLM's compiled CPU ops are not installed."""
+    try:
+        import vllm._custom_ops as ops
+
+        handler = ops.create_onednn_mm(w.t(), 32)
+    except (ImportError, AttributeError, RuntimeError):
+        return None
+    return lambda x: ops.onednn_mm(handler, x, None)
+
+
+def _onednn_decode(weights: list[torch.Tensor], x64: dict[int, torch.Tensor], steps: int):
+    """The decode loop of `main` on `onednn_linear`; None without vLLM's CPU ops."""
+    linears = [onednn_linear(w) for w in weights]
+    if any(f is None for f in linears):
+        return None
+    ks = [w.shape[1] for w in weights]
+
+    def decode():
+        for _ in range(steps):
+            for k, f in zip(ks, linears):
+                f(x64[k])
+
+    return decode
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=2)
@@ -73,6 +103,14 @@ def main(argv: list[str] | None = None) -> int:
     flops = sum(2 * 64 * k * n for k, n in LINEARS) * args.decode_steps
     rows.append((f"decode linears (64 rows, {args.decode_steps} steps)", best, med,
                  f"{64 * args.decode_steps / best:.0f} tok/s, {flops / best / 1e9:.0f} GFLOP/s"))
+
+    onednn = _onednn_decode(weights, x64, args.decode_steps)
+    if onednn is None:
+        rows.append(("decode linears, oneDNN prepacked", float("nan"), float("nan"), "vLLM's CPU ops not importable"))
+    else:
+        best, med = timed(onednn, args.repeats)
+        rows.append((f"decode linears, oneDNN prepacked (64 rows, {args.decode_steps} steps)", best, med,
+                     f"{64 * args.decode_steps / best:.0f} tok/s, {flops / best / 1e9:.0f} GFLOP/s"))
 
     xs = {k: torch.randn(args.tokens, k, generator=g) for k, _ in LINEARS}
     gys = {n: torch.randn(args.tokens, n, generator=g) for _, n in LINEARS}
