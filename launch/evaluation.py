@@ -39,10 +39,11 @@ class EngineGroup:
         self.rollout, self.recovery = rollout, recovery
 
     def generate(self, prompt_ids: list[list[int]], n: int, max_new_tokens: int, temperature: float = 1.0,
-                 top_p: float = 1.0, seed: int | None = None) -> list[list[Completion]]:
+                 top_p: float = 1.0, seed: int | None = None, logprobs: bool = True) -> list[list[Completion]]:
         completions, _ = generate(self.rollout, prompt_ids, n=n, max_new_tokens=max_new_tokens,
                                   temperature=temperature, top_p=top_p,
-                                  seed_of_engine=lambda i: None if seed is None else seed + i, recovery=self.recovery)
+                                  seed_of_engine=lambda i: None if seed is None else seed + i, recovery=self.recovery,
+                                  logprobs=logprobs)
         return completions
 
 

@@ -191,6 +191,9 @@ class Job:
     """The newest checkpoint of this run (restored or saved by this driver): where a restart resumes."""
     layout: Layout | None = None
     """Where the plan put every actor (`launch/placement.py`); a rebuild places them again."""
+    steps_run: int = 0
+    """Steps this driver has started since it (re)built its actors: the first checks the engines' weights
+    (`launch.train.checks_logprobs`)."""
 
     @property
     def pad_id(self) -> int:

@@ -69,6 +69,8 @@ class Sampling:
     drop_truncated: bool
     max_rounds: int
     oversample: float
+    logprobs: bool = True
+    """The engines return each token's log-prob (for the weight-sync check)."""
 
 
 @dataclass
@@ -97,12 +99,12 @@ def undeal(parts: list[list], total: int, n: int) -> list:
 
 def generate(rollout: ActorGroup, prompt_ids: list[list[int]], *, n: int, max_new_tokens: int, temperature: float,
              top_p: float, seed_of_engine: Callable[[int], int | None],
-             recovery: Recovery | None = None) -> tuple[list[list[Completion]], float]:
+             recovery: Recovery | None = None, logprobs: bool = True) -> tuple[list[list[Completion]], float]:
     """Deal prompts round-robin to the engines, n completions each, back in prompt order; and the
     engines' compute seconds (the slowest engine's). With `recovery`, a dead engine's share is
     generated again, with the same seed, once Ray has restarted it."""
     calls = [(i, lambda e, chunk=chunk, seed=seed_of_engine(i): e.generate.remote(chunk, n, max_new_tokens, temperature,
-                                                                               top_p, seed))
+                                                                               top_p, seed, logprobs))
              for i, chunk in enumerate(deal(prompt_ids, rollout.world_size)) if chunk]
     results = gather_dealt(rollout, calls, recovery)
     return undeal([outs for outs, _ in results], len(prompt_ids), rollout.world_size), max(sec for _, sec in results)
@@ -176,7 +178,7 @@ def collect_groups(*, rollout: ActorGroup, verifier: ActorGroup, dataset: Prompt
             completions, seconds = generate(rollout, [p.prompt_ids for p in prompts], n=s.n,
                                             max_new_tokens=s.max_new_tokens, temperature=s.temperature,
                                             top_p=s.top_p, seed_of_engine=lambda engine: seed_of(rnd, engine),
-                                            recovery=recovery)
+                                            recovery=recovery, logprobs=s.logprobs)
             timer.compute("generate", seconds)
         with timer("verify"):
             scores, vm = verify_groups(verifier, prompts, completions, timer, recovery)

@@ -21,6 +21,7 @@ its checkpoint is committed, and a resume cuts metrics.jsonl back to the checkpo
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import shutil
@@ -72,12 +73,20 @@ def sampling_of(cfg: Config) -> Sampling:
                     max_rounds=f.max_rounds, oversample=f.oversample)
 
 
-def rollout_stage(job: Job, step: int, timer: StageTimer) -> tuple[Batch, dict[str, float]]:
-    """generate -> verify -> filter, oversampling until the batch is full; the packed batch."""
+def checks_logprobs(cfg: Config, step: int, first: bool) -> bool:
+    """Whether step `step` asks the engines for log-probs for the weight-sync check: the first step
+    a driver runs (`first`) and every step that is a multiple of `rollout.logprob_check_every`."""
+    every = cfg.rollout.logprob_check_every
+    return every > 0 and (first or step % every == 0)
+
+
+def rollout_stage(job: Job, step: int, timer: StageTimer, logprobs: bool = True) -> tuple[Batch, dict[str, float]]:
+    """generate -> verify -> filter, oversampling until the batch is full; the packed batch. `logprobs`:
+    the engines return each token's log-prob (`batch.rollout_logp`; zeros otherwise)."""
     cfg, roles = job.cfg, job.roles
     got = collect_groups(
         rollout=roles.rollout, verifier=roles.verifier, dataset=job.dataset, sampler=job.sampler,
-        batch_size=cfg.trainer.batch_size, sampling=sampling_of(cfg),
+        batch_size=cfg.trainer.batch_size, sampling=dataclasses.replace(sampling_of(cfg), logprobs=logprobs),
         seed_of=lambda rnd, engine: rollout_seed(cfg.trainer.seed, step, rnd, engine) if cfg.rollout.seeded else None,
         multiple_of=cfg.cluster.policy_world_size, timer=timer, recovery=job.recovery,
     )
@@ -153,16 +162,19 @@ def train_step(job: Job, step: int, stop: Preemption | None = None) -> dict[str,
     cfg, roles, k = job.cfg, job.roles, job.cfg.rollout.n
     timer = StageTimer()
     t_step = time.perf_counter()
+    check = checks_logprobs(cfg, step, first=job.steps_run == 0)
+    job.steps_run += 1
     with stop.abandonable() if stop is not None else contextlib.nullcontext():
         # 1-3. generate -> verify -> filter
-        batch, metrics = rollout_stage(job, step, timer)
+        batch, metrics = rollout_stage(job, step, timer, logprobs=check)
         # 4. old log-probs from the trainer (unless the update's own pass gives them, see
-        # `on_policy_update`); their gap to the engine's is the weight-sync health check
+        # `on_policy_update`); on check steps their gap to the engine's is the weight-sync health check
         on_policy = on_policy_update(cfg, roles.prm is not None)
         if not on_policy:
             with timer("old_logprob"):
                 batch = batch.replace(old_logp=sharded_logprobs(roles.policy, batch, k, timer, "old_logprob"))
-            metrics["rollout/logprob_gap"] = logprob_gap(batch.rollout_logp, batch.old_logp, batch.response_mask)
+            if check:
+                metrics["rollout/logprob_gap"] = logprob_gap(batch.rollout_logp, batch.old_logp, batch.response_mask)
         # 5. reference log-probs, only for a KL term
         if roles.reference is not None:
             with timer("ref_logprob"):
@@ -182,7 +194,7 @@ def train_step(job: Job, step: int, stop: Preemption | None = None) -> dict[str,
     with timer("update_policy"):
         policy_metrics, update_logp = policy_update(roles.policy, batch, k, timer, on_policy)
     metrics |= policy_metrics
-    if on_policy:  # the update's forward scored the batch with the weights the engines sampled from
+    if on_policy and check:  # the update's forward scored the batch with the weights the engines sampled from
         metrics["rollout/logprob_gap"] = logprob_gap(batch.rollout_logp, update_logp, batch.response_mask)
     # 9. weight sync policy -> rollout engines
     metrics |= sync_stage(job, timer)
@@ -329,6 +341,7 @@ def restart_job(job: Job, logger: MetricsLogger, number: int, cause: str) -> int
     logger.event(int(load_state(path)["step"]) if path else 0, "restart", number=number, cause=cause,
                  checkpoint=path)
     job.rebuild_roles()
+    job.steps_run = 0  # new engines: the first step after the restart checks their weights
     start = restore(job, path)
     ready_engines(job, start)
     logger.rewind(start)

@@ -153,6 +153,12 @@ class RolloutConfig:
     """Seed every generation call from trainer.seed, the step, the oversampling round and the engine,
     so a resumed or restarted run samples what an uninterrupted one does. false: the engines draw from
     their own random streams (no per-request generators; runs then differ in their samples)."""
+    logprob_check_every: int = 10
+    """Every how many steps the engines also return each sampled token's log-prob, for the
+    `rollout/logprob_gap` check of the weight sync (the trainer's log-probs of the same tokens against
+    the engine's), logged on those steps only: the first step a driver runs (and the first after a
+    job restart) and every step that is a multiple of N. 1: every step; 0: never. Nothing else reads them, and asking costs vLLM's CPU engine about
+    10% of its generation (its per-token log-prob bookkeeping)."""
 
 
 @dataclass
@@ -677,6 +683,7 @@ def validate(cfg: Config) -> None:
         "trainer.max_restarts": cfg.trainer.max_restarts,
         "data.synthetic_size": cfg.data.synthetic_size,
         "data.synthetic_eval_size": cfg.data.synthetic_eval_size,
+        "rollout.logprob_check_every": cfg.rollout.logprob_check_every,
     }.items():
         need(v >= 0, f"{key} must be >= 0, got {v}")
     for key, v in {"actor.lr": cfg.actor.lr, "prm.lr": cfg.prm.lr}.items():

@@ -47,6 +47,7 @@ BAD = [
     (["prm.betta=0.1"], ["did you mean 'prm.beta'", "granularity"]),
     (["rollout.n=four"], ["rollout.n", "'four'", "expected int"]),
     (["rollout.n=2.5"], ["rollout.n", "2.5", "expected int"]),
+    (["rollout.logprob_check_every=-1"], ["rollout.logprob_check_every must be >= 0", "-1"]),
     (["prm.beta=high"], ["prm.beta", "'high'", "expected float"]),
     (["algo.name=ppo"], ["algo.name", "'ppo'", "one of 'prime', 'grpo', 'rloo', 'reinforce_pp', 'gvpo'"]),
     (["prm.update=sometimes"], ["prm.update", "'before', 'after', 'none'"]),

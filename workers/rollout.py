@@ -38,11 +38,11 @@ class RolloutWorker:
         return self.start_seconds
 
     def generate(self, prompt_ids: list[list[int]], n: int, max_new_tokens: int, temperature: float = 1.0,
-                 top_p: float = 1.0, seed: int | None = None):
+                 top_p: float = 1.0, seed: int | None = None, logprobs: bool = True):
         failpoints.reach("rollout.generate")
         t0 = time.perf_counter()
         out = self.engine.generate(prompt_ids, n=n, max_new_tokens=max_new_tokens, temperature=temperature,
-                                   top_p=top_p, seed=seed)
+                                   top_p=top_p, seed=seed, logprobs=logprobs)
         return out, time.perf_counter() - t0
 
     def score_logprobs(self, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> list[list[float]]:

@@ -6,7 +6,7 @@ grader: the `prime eval` command passes an in-process `HFEngine` or `VLLMEngine`
 two signatures:
 
 - engine: anything with `RolloutEngine.generate(prompt_ids, n, max_new_tokens, temperature, top_p,
-  seed) -> list[list[Completion]]` (`prime.rollout.base`);
+  seed, logprobs) -> list[list[Completion]]` (`prime.rollout.base`; called with `logprobs=False`);
 - grade: `grade(items) -> scores`, one float in [0, 1] per item, where an item is a dict
   `{"ability", "data_source", "response", "ground_truth"}` (what `VerifierPool.score` takes; the
   pool's `[0]` element is the score list).
@@ -213,7 +213,7 @@ def generate(engine, problems: Sequence[EvalProblem], n: int, temperature: float
         out.extend(engine.generate(
             [p.prompt_ids for p in chunk], n=n, max_new_tokens=settings.max_new_tokens,
             temperature=temperature, top_p=1.0 if temperature == 0 else settings.top_p,
-            seed=settings.seed + start * n,
+            seed=settings.seed + start * n, logprobs=False,  # grading reads the text only
         ))
     return out
 

@@ -8,7 +8,8 @@ Conventions both engines follow (tests check them on the same checkpoint):
   `len(token_ids) == max_new_tokens`. An eos sampled as the very last allowed token counts as
   "stop".
 - `Completion.text` is the decoded `token_ids` with special tokens skipped (so no `<|im_end|>`).
-- `Completion.logprobs[i]` is the log-prob of `token_ids[i]` under the distribution it was
+- `Completion.logprobs[i]` (empty when `generate` is called with `logprobs=False`) is the
+  log-prob of `token_ids[i]` under the distribution it was
   actually sampled from: log_softmax(logits / temperature) after top-p filtering, i.e.
   renormalised over the nucleus. With `top_p == 1.0` this equals what
   `prime.models.logprobs.response_logprobs(..., temperature=temperature)` computes for the same
@@ -41,7 +42,7 @@ class Completion:
     text: str
     """Decoded `token_ids`, special tokens skipped."""
     logprobs: list[float]
-    """Sampling log-prob of each generated token (same length as `token_ids`)."""
+    """Sampling log-prob of each generated token (same length as `token_ids`; empty when not asked for)."""
     finish_reason: str
     """"stop" (eos generated) or "length" (max_new_tokens reached)."""
 
@@ -58,8 +59,10 @@ class RolloutEngine(Protocol):
         temperature: float = 1.0,
         top_p: float = 1.0,
         seed: int | None = None,
+        logprobs: bool = True,
     ) -> list[list[Completion]]:
-        """Sample `n` completions for every prompt; one list of n per prompt, in order."""
+        """Sample `n` completions for every prompt; one list of n per prompt, in order. `logprobs=False`:
+        the completions carry no log-probs (`Completion.logprobs == []`)."""
         ...
 
     def score_logprobs(self, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> list[list[float]]:

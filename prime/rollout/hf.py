@@ -63,6 +63,7 @@ class HFEngine:
         temperature: float = 1.0,
         top_p: float = 1.0,
         seed: int | None = None,
+        logprobs: bool = True,
     ) -> list[list[Completion]]:
         """Sample `n` completions per prompt (see `prime.rollout.base` for the conventions)."""
         from transformers import GenerationConfig
@@ -124,7 +125,7 @@ class HFEngine:
                         prompt_ids=list(prompt),
                         token_ids=tokens,
                         text=self.tokenizer.decode(tokens, skip_special_tokens=True),
-                        logprobs=logp_all[row, : len(tokens)].tolist(),
+                        logprobs=logp_all[row, : len(tokens)].tolist() if logprobs else [],
                         finish_reason=reason,
                     )
                 )

@@ -180,6 +180,7 @@ class VLLMEngine:
         temperature: float = 1.0,
         top_p: float = 1.0,
         seed: int | None = None,
+        logprobs: bool = True,
     ) -> list[list[Completion]]:
         """Sample `n` completions per prompt (see `prime.rollout.base` for the conventions).
 
@@ -199,7 +200,7 @@ class VLLMEngine:
                 top_p=top_p,
                 top_k=0,
                 max_tokens=max_new_tokens,
-                logprobs=0,  # only the sampled token's log-prob
+                logprobs=0 if logprobs else None,  # only the sampled token's log-prob
                 # Text is decoded here from the final ids: vLLM's incremental detokenizer holds
                 # back trailing incomplete UTF-8 bytes, which would make text differ from HF's.
                 detokenize=False,
@@ -221,7 +222,7 @@ class VLLMEngine:
                         prompt_ids=list(prompt),
                         token_ids=token_ids,
                         text=self.tokenizer.decode(token_ids, skip_special_tokens=True),
-                        logprobs=[lp[t].logprob for t, lp in zip(token_ids, c.logprobs)],
+                        logprobs=[lp[t].logprob for t, lp in zip(token_ids, c.logprobs)] if logprobs else [],
                         finish_reason=c.finish_reason,
                     )
                 )

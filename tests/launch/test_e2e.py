@@ -26,7 +26,8 @@ COMMON_KEYS = {
 
 PRESET = str(REPO / "configs" / "tiny_cpu.yaml")
 TINY = ("trainer.batch_size=2", "rollout.max_response_len=16", "logging.wandb_mode=offline", "logging.progress_bar=false",
-        "cluster.num_cpus=6", "data.synthetic_size=64", "filter.max_rounds=2", "model.warm_start_steps=0")
+        "cluster.num_cpus=6", "data.synthetic_size=64", "filter.max_rounds=2", "model.warm_start_steps=0",
+        "rollout.logprob_check_every=1")  # every step checks the weight sync (the tests read the gap of each)
 
 
 def make_cfg(tmp_path, *overrides):

@@ -27,3 +27,16 @@ def test_on_policy_update(overrides, has_prm, skip):
 def test_bad_old_logprob_pass_names_the_valid_values():
     with pytest.raises(Exception, match="old_logprob_pass.*(auto|always)"):
         _cfg("actor.old_logprob_pass=never")
+
+
+@pytest.mark.parametrize("every, first, checked", [
+    (10, 1, [1, 10, 20, 30, 40]),  # a fresh run: its first step, then the multiples of 10
+    (10, 23, [23, 30, 40]),      # resumed after step 22: the first step checks the restored weights
+    (1, 1, list(range(1, 41))),  # every step
+    (0, 1, []),                  # never
+])
+def test_logprob_check_schedule(every, first, checked):
+    from launch.train import checks_logprobs
+
+    cfg = _cfg(f"rollout.logprob_check_every={every}")
+    assert [s for s in range(first, 41) if checks_logprobs(cfg, s, first=s == first)] == checked

@@ -78,6 +78,13 @@ def test_seeds(engine):
     assert ids(engine.generate(PROMPTS, n=2, max_new_tokens=6)) != ids(engine.generate(PROMPTS, n=2, max_new_tokens=6))
 
 
+def test_without_logprobs_samples_the_same_tokens(engine):
+    a = engine.generate(PROMPTS, n=2, max_new_tokens=6, seed=11)
+    b = engine.generate(PROMPTS, n=2, max_new_tokens=6, seed=11, logprobs=False)
+    assert [x.token_ids for g in a for x in g] == [x.token_ids for g in b for x in g]
+    assert all(x.logprobs == [] for g in b for x in g)
+
+
 def test_greedy_repeats_the_argmax(engine):
     out = engine.generate(PROMPTS[:1], n=3, max_new_tokens=4, temperature=0.0)
     group = out[0]

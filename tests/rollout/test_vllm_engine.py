@@ -73,6 +73,16 @@ def test_seed_reproducible(engine):
     assert [c.token_ids for g in a for c in g] == [c.token_ids for g in b for c in g]
 
 
+def test_without_logprobs_samples_the_same_tokens(engine):
+    # The log-probs are bookkeeping on the side of sampling: not asking for them (the steps between
+    # weight-sync checks) leaves the seeded samples as they are.
+    a = engine.generate(PROMPTS, n=2, max_new_tokens=6, seed=7)
+    b = engine.generate(PROMPTS, n=2, max_new_tokens=6, seed=7, logprobs=False)
+    assert [c.token_ids for g in a for c in g] == [c.token_ids for g in b for c in g]
+    assert all(c.logprobs == [] for g in b for c in g)
+    assert all(len(c.logprobs) == len(c.token_ids) for g in a for c in g)
+
+
 def test_greedy_matches_hf(engine, hf):
     v = engine.generate(PROMPTS, n=2, max_new_tokens=6, temperature=0.0)
     h = hf.generate(PROMPTS, n=2, max_new_tokens=6, temperature=0.0)
