@@ -20,6 +20,8 @@ Variants:
                            distributed_executor_backend="uni"), torch on every core, no busy-waiting
                            process beside it; prime's `rollout.vllm_in_process`
     vllm_inproc_unseeded   the same without per-request seeds (`rollout.seeded=false`)
+    vllm_inproc_nologprobs vllm_inproc without the sampled tokens' log-probs (the steps between
+                           weight-sync checks, `rollout.logprob_check_every`)
     vllm_unseeded          vLLM's defaults without per-request seeds
     vllm_inproc_compiled   vllm_inproc with vLLM's torch.compile (`rollout.enforce_eager=false`; needs a
                            C++ compiler, compiles at start)
@@ -46,15 +48,16 @@ from bench.vs_trl import check_warmup, choices, load_averages, median_after_firs
 
 PROMPTS, K, CAP = 16, 4, 128
 VARIANTS = {
-    # name: (engine, environment, engine kwargs, seeded)
-    "vllm": ("vllm", {}, {}, True),
-    "vllm_unseeded": ("vllm", {}, {}, False),
-    "vllm_reserved0": ("vllm", {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}, {}, True),
-    "vllm_inproc": ("vllm", {}, {"in_process": True}, True),
-    "vllm_inproc_unseeded": ("vllm", {}, {"in_process": True}, False),
-    "vllm_inproc_compiled": ("vllm", {}, {"in_process": True, "enforce_eager": False}, True),
-    "vllm_compiled": ("vllm", {}, {"enforce_eager": False}, True),
-    "hf": ("hf", {}, {}, True),
+    # name: (engine, environment, engine kwargs, seeded, token log-probs)
+    "vllm": ("vllm", {}, {}, True, True),
+    "vllm_unseeded": ("vllm", {}, {}, False, True),
+    "vllm_reserved0": ("vllm", {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}, {}, True, True),
+    "vllm_inproc": ("vllm", {}, {"in_process": True}, True, True),
+    "vllm_inproc_unseeded": ("vllm", {}, {"in_process": True}, False, True),
+    "vllm_inproc_nologprobs": ("vllm", {}, {"in_process": True}, True, False),
+    "vllm_inproc_compiled": ("vllm", {}, {"in_process": True, "enforce_eager": False}, True, True),
+    "vllm_compiled": ("vllm", {}, {"enforce_eager": False}, True, True),
+    "hf": ("hf", {}, {}, True, True),
 }
 DEFAULT_VARIANTS = "vllm,vllm_reserved0,vllm_inproc,vllm_inproc_unseeded,hf"
 
@@ -72,7 +75,7 @@ def prompt_ids(model: str, data: str) -> list[list[int]]:
 
 def serve(variant: str, model: str, data: str) -> int:
     """Child mode: start the variant's engine, then answer `gen SEED` lines with one JSON line each."""
-    engine_name, _, kwargs, seeded = VARIANTS[variant]
+    engine_name, _, kwargs, seeded, logprobs = VARIANTS[variant]
     ids = prompt_ids(model, data)
     if engine_name == "vllm":
         from prime.rollout.vllm import VLLMEngine
@@ -89,7 +92,7 @@ def serve(variant: str, model: str, data: str) -> int:
             break
         seed = int(cmd[1]) if seeded else None
         t0 = time.perf_counter()
-        out = engine.generate(ids, n=K, max_new_tokens=CAP, temperature=1.0, top_p=1.0, seed=seed)
+        out = engine.generate(ids, n=K, max_new_tokens=CAP, temperature=1.0, top_p=1.0, seed=seed, logprobs=logprobs)
         seconds = time.perf_counter() - t0
         tokens = sum(len(c.token_ids) for group in out for c in group)
         print(json.dumps({"seconds": seconds, "tokens": tokens}), flush=True)
