@@ -62,14 +62,14 @@ VARIANTS = {
 DEFAULT_VARIANTS = "vllm,vllm_reserved0,vllm_inproc,vllm_inproc_unseeded,hf"
 
 
-def prompt_ids(model: str, data: str) -> list[list[int]]:
-    """The first PROMPTS prompts of the file, rendered and encoded as the driver does."""
+def prompt_ids(model: str, data: str, count: int = PROMPTS) -> list[list[int]]:
+    """The first `count` prompts of the file, rendered and encoded as the driver does."""
     from launch.preflight import check_data
     from prime.data.dataset import encode_prompts, render_prompt
     from prime.models.loading import load_tokenizer
 
     tok = load_tokenizer(model)
-    rows = [row for _, part in check_data("data", data) for row in part][:PROMPTS]
+    rows = [row for _, part in check_data("data", data) for row in part][:count]
     return encode_prompts(tok, [render_prompt(tok, list(r["prompt"])) for r in rows])
 
 

@@ -28,9 +28,14 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import time
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench.vs_trl import load_averages  # noqa: E402
 
 HIDDEN, LAYERS, MLP, VOCAB, Q, KV = 512, 4, 2048, 512, 512, 128
 # (in, out) of each linear layer, vLLM's fused layout; the head last
@@ -83,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--decode-steps", type=int, default=118, help="decode steps (the small point: ~118 tokens each)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    print(f"load {[round(x, 2) for x in os.getloadavg()]}; torch threads {torch.get_num_threads()}")
+    print(f"load {load_averages()}; torch threads {torch.get_num_threads()}")
     g = torch.Generator().manual_seed(0)
     rows = []
 
@@ -129,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     print("| row | best s | median s | rate |\n|---|---|---|---|")
     for name, best, med, rate in rows:
         print(f"| {name} | {best:.3f} | {med:.3f} | {rate} |")
-    print(f"load {[round(x, 2) for x in os.getloadavg()]}")
+    print(f"load {load_averages()}")
     return 0
 
 

@@ -31,7 +31,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.vs_trl import K, POINTS, ROOT, choices, load_averages, model_and_data, prime_config  # noqa: E402
+from bench.vs_trl import K, POINTS, ROOT, check_warmup, choices, load_averages, model_and_data, prime_config  # noqa: E402
 
 WARMUP = 2
 
@@ -40,12 +40,11 @@ def point_batch(point: str, model: str, data: str):
     """The point's prompts, K times each, with random responses and advantages (seeded)."""
     import torch
 
-    import bench.generation as gen
+    from bench.generation import prompt_ids
     from prime.data.batch import pack_sequences
 
     prompts_per_step, cap = POINTS[point][2], POINTS[point][3]
-    gen.PROMPTS = prompts_per_step
-    prompts = gen.prompt_ids(model, data)
+    prompts = prompt_ids(model, data, prompts_per_step)
     rng = random.Random(0)
     rows = [p for p in prompts for _ in range(K)]
     responses = [[rng.randrange(4, 500) for _ in range(rng.randint(cap // 2, cap))] for _ in rows]
@@ -121,8 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default=None, help="also write the rows (every call's seconds) here")
     args = parser.parse_args(argv)
     points = choices(parser, "--points", args.points, POINTS)
-    if args.calls <= WARMUP:
-        parser.error(f"--calls must be more than the {WARMUP} warm-up rounds, got {args.calls}")
+    check_warmup(parser, "--calls", args.calls, WARMUP)
     torch.set_num_threads(args.threads)
     print(f"load {load_averages()}; torch threads {torch.get_num_threads()}")
     rows = [run_point(p, args.calls, args.output_dir) for p in points]

@@ -147,10 +147,11 @@ def choices(parser: argparse.ArgumentParser, flag: str, text: str, valid) -> lis
     return items
 
 
-def check_warmup(parser: argparse.ArgumentParser, flag: str, n: int) -> None:
-    """Timings take the median after a warm-up, so `flag` needs at least 2."""
-    if n < 2:
-        parser.error(f"{flag} must be >= 2 (the first is a warm-up), got {n}")
+def check_warmup(parser: argparse.ArgumentParser, flag: str, n: int, warmup: int = 1) -> None:
+    """Timings take the median after `warmup` warm-up rounds, so `flag` needs at least one more."""
+    if n <= warmup:
+        what = "the first is a warm-up" if warmup == 1 else f"the first {warmup} are a warm-up"
+        parser.error(f"{flag} must be >= {warmup + 1} ({what}), got {n}")
 
 
 def median_after_first(xs: list[float]) -> float:

@@ -94,7 +94,7 @@ class HFEngine:
             max_new_tokens=max_new_tokens,
             eos_token_id=self.eos_ids,
             pad_token_id=self.pad_id,
-            output_scores=True,
+            output_scores=logprobs,  # kept only to compute the log-probs
             return_dict_in_generate=True,
         )
         fork_devices = [self.device] if self.device.type == "cuda" else []
@@ -102,9 +102,11 @@ class HFEngine:
             torch.manual_seed(seed)
             out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
         generated = out.sequences[:, P:]  # [B*n, S], rows prompt-major (prompt 0's n rows first)
-        # out.scores: S tensors [B*n, V] after temperature and top-p (filtered logits are -inf).
-        scores = torch.stack(out.scores, dim=1).float()  # [B*n, S, V]
-        logp_all = torch.log_softmax(scores, dim=-1).gather(-1, generated.unsqueeze(-1)).squeeze(-1)  # [B*n, S]
+        logp_all = None
+        if logprobs:
+            # out.scores: S tensors [B*n, V] after temperature and top-p (filtered logits are -inf).
+            scores = torch.stack(out.scores, dim=1).float()  # [B*n, S, V]
+            logp_all = torch.log_softmax(scores, dim=-1).gather(-1, generated.unsqueeze(-1)).squeeze(-1)  # [B*n, S]
 
         eos = set(self.eos_ids)
         results: list[list[Completion]] = []
@@ -125,7 +127,7 @@ class HFEngine:
                         prompt_ids=list(prompt),
                         token_ids=tokens,
                         text=self.tokenizer.decode(tokens, skip_special_tokens=True),
-                        logprobs=logp_all[row, : len(tokens)].tolist() if logprobs else [],
+                        logprobs=logp_all[row, : len(tokens)].tolist() if logp_all is not None else [],
                         finish_reason=reason,
                     )
                 )
