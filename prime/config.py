@@ -139,7 +139,9 @@ class RolloutConfig:
     """CPU runs (trainer.device=cpu): run vLLM's scheduler and model inside the rollout actor, with
     torch on every core the actor has. false: vLLM's own layout, an engine-core process plus a worker
     process bound to all cores but the one vLLM keeps for the engine core (bench/generation.py
-    measures both). GPU engines always use vLLM's worker processes."""
+    measures both). In process, the engine keeps a second copy of its linear weights, which makes
+    the weight sync's reload shorter (prime/rollout/vllm_ext.py). GPU engines always use vLLM's
+    worker processes."""
     enable_sleep_mode: bool = False
     """vLLM sleep/wake between generation phases (colocated placement on GPUs): the engines sleep
     before the trainers are built and after each generation, and wake their weights, take the

@@ -27,6 +27,7 @@ engine core in a separate process.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -35,7 +36,7 @@ from collections.abc import Iterable
 import torch
 
 from prime.rollout.base import FINISH_REASONS, Completion, check_sampling_args, check_score_args
-from prime.rollout.vllm_ext import EXTENSION
+from prime.rollout.vllm_ext import EXTENSION, keep_cpu_linear_weights
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +93,8 @@ class VLLMEngine:
             process; CPU, one engine per process, tensor_parallel_size 1). On a small CPU box this
             gives the model every core: by default vLLM binds its worker to all cores but one, which
             it keeps for the engine-core process that busy-waits on the worker (bench/generation.py).
+            Its linear layers keep their plain weights beside the packed kernels (one more copy of
+            them in memory) so that weight updates take the shorter "direct" path (`update_path`).
         **extra: passed to `vllm.LLM` unchanged (e.g. `enable_prefix_caching`). The worker
             extension defaults to prime's (`prime.rollout.vllm_ext.EXTENSION`); a replacement must
             subclass it, or the weight updates have nothing to call.
@@ -152,18 +155,21 @@ class VLLMEngine:
         extra.setdefault("logprobs_mode", "processed_logprobs")
         extra.setdefault("worker_extension_cls", EXTENSION)
         set_num_threads = torch.set_num_threads
-        self.llm = LLM(
-            model=model_path,
-            tensor_parallel_size=tensor_parallel_size,
-            gpu_memory_utilization=gpu_memory_utilization,
-            dtype=dtype,
-            max_model_len=max_model_len,
-            enforce_eager=enforce_eager,
-            seed=seed,
-            enable_sleep_mode=enable_sleep_mode,
-            trust_remote_code=trust_remote_code,
-            **extra,
-        )
+        # In process, the model loads here: its CPU linear layers keep their plain weights, so a
+        # weight update writes into them and repacks (the "direct" path of prime/rollout/vllm_ext.py).
+        with keep_cpu_linear_weights() if in_process else contextlib.nullcontext():
+            self.llm = LLM(
+                model=model_path,
+                tensor_parallel_size=tensor_parallel_size,
+                gpu_memory_utilization=gpu_memory_utilization,
+                dtype=dtype,
+                max_model_len=max_model_len,
+                enforce_eager=enforce_eager,
+                seed=seed,
+                enable_sleep_mode=enable_sleep_mode,
+                trust_remote_code=trust_remote_code,
+                **extra,
+            )
         # vLLM's CPU worker replaces torch.set_num_threads with a no-op to protect its thread binding;
         # in this process there is none, and the rest of the process keeps its own thread control.
         torch.set_num_threads = set_num_threads
@@ -295,6 +301,12 @@ class VLLMEngine:
 
     def close_weight_sync(self) -> None:
         self.llm.collective_rpc("prime_close_weight_sync")
+
+    def update_path(self) -> str:
+        """How the workers take new weights: "direct" (in-process CPU engine: load into the plain
+        weights, then repack) or "layerwise" (vLLM's layerwise reload); see prime/rollout/vllm_ext.py."""
+        paths = set(self.llm.collective_rpc("prime_update_path"))
+        return paths.pop() if len(paths) == 1 else "mixed"
 
     def memory(self, reset_peak: bool = False) -> list[dict[str, int]]:
         """RSS and peak RSS of every worker process (bytes); `reset_peak` resets the peaks first."""

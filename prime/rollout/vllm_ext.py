@@ -19,6 +19,18 @@ bucket plus one layer beyond its own weights. Measured on the CPU backend with v
   layers when one reload spans all buckets, as here;
 - every checkpoint tensor must be sent, `lm_head.weight` included even with tied embeddings (the
   CPU backend keeps a separate head): without it the log-probs are off by about 1 nat.
+
+The in-process CPU engine (`VLLMEngine(in_process=True)`, the rollout actors' CPU default) takes a
+shorter path. It is built under `keep_cpu_linear_weights`, so vLLM's CPU linear layers keep their
+plain weight beside the oneDNN kernel they pack from it (by default vLLM frees it). The update then
+writes every bucket straight into those weights with `model.load_weights`, and at the end repacks
+once with vLLM's own post-load step (`process_weights_after_loading`). That skips the layerwise
+bookkeeping. In tiny-preset training steps (2 layers, 10 packed matrices) the engine's reload,
+`weight_sync/load_seconds`, fell from 39-45 ms to 24 ms; a small-preset reload (4 layers), timed
+alone, from 60-70 ms to about 50 ms. Repacking is most of what is left. The cost is one more copy
+of the linear weights in the engine's memory: 62 MB for the small preset's 15.5M fp32 parameters,
+6 GB for a 1.5B-parameter fp32 model. `update_path` says which path an engine takes: "direct"
+needs the CPU platform, plain weights kept and no quantised layer; anything else is "layerwise".
 """
 
 from __future__ import annotations
@@ -28,6 +40,7 @@ import time
 from typing import Any
 
 EXTENSION = "prime.rollout.vllm_ext.WeightSyncExtension"
+_LM_HEAD = "lm_head.weight"
 
 
 def _load_context():
@@ -39,20 +52,86 @@ def _load_context():
     return disable_mtp_completeness_check()
 
 
+@contextlib.contextmanager
+def keep_cpu_linear_weights():
+    """While active, vLLM's CPU linear layers keep their plain weight when they pack it for oneDNN.
+
+    vLLM's unquantised CPU linear method calls `dispatch_cpu_unquantized_gemm(layer,
+    remove_weight=True)` after loading: it packs `layer.weight` into a kernel and frees it. With
+    the weight kept, a later `model.load_weights` can write new values into it in place and a
+    repack (vLLM's `process_weights_after_loading`) brings the kernels up to date; see the
+    module docstring. Only for the process that loads the model (the in-process engine)."""
+    from vllm.model_executor.layers import utils
+
+    dispatch = utils.dispatch_cpu_unquantized_gemm
+
+    def keep(layer, remove_weight: bool) -> None:
+        dispatch(layer, remove_weight=False)
+
+    utils.dispatch_cpu_unquantized_gemm = keep
+    try:
+        yield
+    finally:
+        utils.dispatch_cpu_unquantized_gemm = dispatch
+
+
+def update_path(model) -> str:
+    """"direct" when `model` can take new weights by plain `load_weights` plus a repack: the CPU
+    platform, no quantised layer, and every packed CPU kernel's plain weight still there (the
+    model was loaded under `keep_cpu_linear_weights`); otherwise "layerwise"."""
+    from vllm.model_executor.layers.linear import UnquantizedLinearMethod
+    from vllm.model_executor.layers.vocab_parallel_embedding import UnquantizedEmbeddingMethod
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return "layerwise"
+    for module in model.modules():
+        method = getattr(module, "quant_method", None)
+        if method is not None and not isinstance(method, (UnquantizedLinearMethod, UnquantizedEmbeddingMethod)):
+            return "layerwise"
+        weight = getattr(module, "weight", None)
+        if hasattr(module, "cpu_linear") and (weight is None or weight.numel() == 0):
+            return "layerwise"
+    return "direct"
+
+
+def _head_is_tied(model) -> bool:
+    """True when the model's `lm_head.weight` is the same parameter as another one (the embedding)."""
+    head = getattr(getattr(model, "lm_head", None), "weight", None)
+    return head is not None and any(
+        p is head for name, p in model.named_parameters(remove_duplicate=False) if not name.startswith("lm_head.")
+    )
+
+
 class WeightSyncExtension:
     """Methods mixed into vLLM's worker class (`self` is the worker)."""
 
-    # ------------------------------------------------------------------ layerwise update
+    # ------------------------------------------------------------------ in-place update
+    def prime_update_path(self) -> str:
+        """How this worker takes new weights: "direct" or "layerwise" (see `update_path`)."""
+        return update_path(self.model_runner.model)
+
     def prime_begin_update(self) -> None:
-        """Start an in-place update: later `model.load_weights` calls are buffered per layer."""
+        """Start an in-place update. Layerwise: later `model.load_weights` calls are buffered per
+        layer. Direct: they write into the plain weights, repacked in `prime_finish_update`."""
         from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
 
-        initialize_layerwise_reload(self.model_runner.model)
+        self._prime_path = update_path(self.model_runner.model)
+        if self._prime_path == "layerwise":
+            initialize_layerwise_reload(self.model_runner.model)
 
     def prime_load(self, named: list) -> None:
-        """Load one bucket's (name, tensor) pairs (checkpoint names and format)."""
-        with _load_context():
-            self.model_runner.model.load_weights(named)
+        """Load one bucket's (name, tensor) pairs (checkpoint names and format).
+
+        Direct path: a head that shares the embedding's parameter is written by the embedding, so
+        `lm_head.weight` is dropped (vLLM refuses a bucket that carries a tied head without its
+        embedding; the layerwise reload buffers both until the layer is complete)."""
+        model = self.model_runner.model
+        if getattr(self, "_prime_path", "layerwise") == "direct" and _head_is_tied(model):
+            named = [(name, t) for name, t in named if name != _LM_HEAD]
+        if named:
+            with _load_context():
+                model.load_weights(named)
 
     def prime_load_blob(self, blob: bytes) -> int:
         """Load one chunk sent as safetensors bytes (the object-store path); returns its tensor count."""
@@ -63,10 +142,17 @@ class WeightSyncExtension:
         return len(weights)
 
     def prime_finish_update(self) -> None:
-        """Process the layers not processed yet and put the kernel tensors back; drop derived caches."""
+        """Layerwise: process the layers not processed yet and put the kernel tensors back. Direct:
+        repack every kernel from its updated weight, keeping the weights. Then drop derived caches."""
         from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
+        from vllm.model_executor.model_loader.utils import process_weights_after_loading
 
-        finalize_layerwise_reload(self.model_runner.model, self.vllm_config.model_config)
+        model, model_config = self.model_runner.model, self.vllm_config.model_config
+        if getattr(self, "_prime_path", "layerwise") == "direct":
+            with keep_cpu_linear_weights():
+                process_weights_after_loading(model, model_config, self.model_runner.device)
+        else:
+            finalize_layerwise_reload(model, model_config)
         for reset in ("reset_lora_state", "reset_encoder_cache", "reset_mm_cache"):
             fn = getattr(self.model_runner, reset, None)
             if fn is not None:

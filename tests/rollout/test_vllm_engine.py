@@ -148,31 +148,45 @@ def test_workers_report_their_memory_and_gpu(engine):
 
 _IN_PROCESS_SCRIPT = r"""
 import json, os, sys, torch
+from prime.rollout.hf import HFEngine
 from prime.rollout.vllm import VLLMEngine
+prompts, responses = json.loads(sys.argv[2])
 eng = VLLMEngine(sys.argv[1], max_model_len=256, seed=0, in_process=True)
 out = eng.generate([[1, 40, 41], [1, 50]], n=2, max_new_tokens=6, seed=3)
 me = str(os.getpid())
 children = [p for p in os.listdir("/proc") if p.isdigit()
             and open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()[1] == me]
+# A weight update on the direct path: every tensor perturbed, lm_head.weight left to load_weights.
+before = eng.score_logprobs(prompts, responses)
+policy = HFEngine(sys.argv[1])
+gen = torch.Generator().manual_seed(123)
+new = {k: v + 0.05 * torch.randn(v.shape, generator=gen)
+       for k, v in policy.model.state_dict().items() if k != "lm_head.weight"}
+policy.load_weights(new.items())
+eng.load_weights(new.items(), chunk_bytes=64 * 1024)
 torch.set_num_threads(1)
 print(json.dumps({"tokens": [c.token_ids for g in out for c in g],
                   "logprobs": [c.logprobs for g in out for c in g], "children": children,
-                  "threads": torch.get_num_threads()}))
+                  "threads": torch.get_num_threads(), "path": eng.update_path(), "before": before,
+                  "after": eng.score_logprobs(prompts, responses),
+                  "expected": policy.score_logprobs(prompts, responses)}))
 eng.shutdown()
 """
 
 
 def test_in_process_engine_samples_like_worker_processes(engine, tiny_model_path):
     """`in_process=True` (the rollout actors' CPU default) runs no engine-core or worker process,
-    leaves torch.set_num_threads working, and samples the same tokens for the same seed."""
+    leaves torch.set_num_threads working, and samples the same tokens for the same seed. Its weight
+    updates take the direct path (load into the kept plain weights, repack), the worker-process
+    engine's vLLM's layerwise reload; after a direct update it scores like the updated policy."""
     import json
     import os
     import subprocess
     import sys
 
     env = dict(os.environ, OMP_NUM_THREADS="2")
-    proc = subprocess.run([sys.executable, "-c", _IN_PROCESS_SCRIPT, tiny_model_path], env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, "-c", _IN_PROCESS_SCRIPT, tiny_model_path, json.dumps([PROMPTS, RESPONSES])],
+                          env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     assert got["children"] == [] and got["threads"] == 1
@@ -182,6 +196,9 @@ def test_in_process_engine_samples_like_worker_processes(engine, tiny_model_path
     # run the matmuls on a different number of threads, which changes the summation order).
     for a, c in zip(got["logprobs"], ref):
         assert max(abs(x - y) for x, y in zip(a, c.logprobs)) < 1e-4
+    assert got["path"] == "direct" and engine.update_path() == "layerwise"
+    assert _max_abs_diff(got["after"], got["expected"]) < 1e-4  # vLLM vs transformers kernels in fp32
+    assert _max_abs_diff(got["after"], got["before"]) > 1e-2  # the perturbation moves log-probs by far more
 
 
 def test_in_process_needs_one_cpu_engine(tiny_model_path):
