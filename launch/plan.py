@@ -146,7 +146,10 @@ def _engine(cfg: Config, shape: ModelShape, tensor_parallel: int, gpu_bytes: flo
     if cfg.rollout.engine == "hf":
         return Memory(weights=weights)
     if cfg.trainer.device == "cpu":  # the CPU backend sizes its KV cache in GiB
-        return Memory(weights=weights, kv_cache=cfg.rollout.cpu_kv_cache_gib * GIB)
+        # In process, the linear layers keep their plain weights beside vLLM's packed kernels
+        # (prime/rollout/vllm_ext.py): two copies of every matrix (vLLM keeps the embedding's anyway).
+        copies = 2 if cfg.rollout.cpu_in_process and tensor_parallel == 1 else 1
+        return Memory(weights=copies * weights, kv_cache=cfg.rollout.cpu_kv_cache_gib * GIB)
     return engine_memory(shape, dtype=cfg.model.dtype, tensor_parallel=tensor_parallel,
                          gpu_memory_utilization=cfg.rollout.gpu_memory_utilization, gpu_bytes=gpu_bytes)
 

@@ -140,6 +140,21 @@ def test_cpu_runs_are_planned_but_not_checked_against_gpu_memory():
     assert "not checked" in plan.note
 
 
+def test_an_in_process_cpu_engine_counts_its_weights_twice():
+    """The in-process CPU engine keeps plain weights beside vLLM's packed kernels (prime/rollout/vllm_ext.py)."""
+    from launch.plan import _engine
+    from prime.models.memory import ModelShape
+
+    shape = ModelShape(vocab_size=512, hidden_size=128, num_layers=2, num_heads=2, num_kv_heads=1,
+                       intermediate_size=512, head_dim=64)
+    fp32 = 4 * shape.num_params()
+    for in_process, copies in (("true", 2), ("false", 1)):
+        cfg = build_config(None, ["trainer.device=cpu", f"rollout.cpu_in_process={in_process}",
+                                  "rollout.cpu_kv_cache_gib=2", "model.dtype=float32"])
+        mem = _engine(cfg, shape, 1, 0.0)
+        assert mem.weights == copies * fp32 and mem.kv_cache == 2 * GIB
+
+
 def test_cli_prints_the_plan_and_train_checks_it_before_ray():
     ok = subprocess.run([sys.executable, "-m", "launch.cli", "plan", "configs/prime_7b.yaml", *TWO_NODES],
                         cwd=REPO, capture_output=True, text=True)
