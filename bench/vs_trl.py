@@ -23,8 +23,10 @@ generation) to `on_step_end` (after its optimizer step).
 
 Printed per point: each side's median step seconds and their ratio (prime / TRL), generated tokens
 per step, prime's per-stage seconds (generate, verify, old_logprob, update_policy, weight_sync),
-rollout tokens/s and its overhead (step wall time minus the actors' compute), and the load averages
-before and after. A markdown table sums it up.
+rollout tokens/s and its overhead (step wall time minus the actors' compute), the largest
+`rollout/logprob_gap` over the steps that check the weight sync (`rollout.logprob_check_every`: the
+first and every 10th; it shows the engines sampled from the trainer's weights) and the load
+averages before and after. A markdown table sums it up.
 """
 
 from __future__ import annotations
@@ -205,18 +207,24 @@ def summarize(point: str, cb, prime_metrics: list[dict[str, float]], load_before
     for s in STAGES:
         row[s] = med(f"timing/{s}")
     row["update_compute"] = med("compute/update_policy")
+    # The weight-sync check on the steps that log it (rollout.logprob_check_every): the engines sampled
+    # from the weights the trainer scored with, so the timed run was also a correct one.
+    gaps = [m["rollout/logprob_gap"] for m in prime_metrics if "rollout/logprob_gap" in m]
+    row["logprob_gap"] = max(gaps) if gaps else float("nan")
+    row["logprob_gap_steps"] = len(gaps)
     return row
 
 
 def markdown(rows: list[dict]) -> str:
     head = ["point", "prime variant", "TRL step s", "prime step s", "prime/TRL", "TRL gen tok/step", "prime gen tok/step",
-            *(f"{s} s" for s in STAGES), "prime roll tok/s", "overhead s (%)", "load 1/5/15 before -> after"]
+            *(f"{s} s" for s in STAGES), "prime roll tok/s", "overhead s (%)", "logprob gap (steps)",
+            "load 1/5/15 before -> after"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["point"], r["variant"], f"{r['trl_step']:.2f}", f"{r['prime_step']:.2f}", f"{r['ratio']:.2f}x",
                  f"{r['trl_tokens']:.0f}", f"{r['prime_tokens']:.0f}", *(f"{r[s]:.2f}" for s in STAGES),
                  f"{r['rollout_tok_s']:.0f}", f"{r['overhead']:.3f} ({r['overhead_pct']:.1f}%)",
-                 f"{r['load_before']} -> {r['load_after']}"]
+                 f"{r['logprob_gap']:.1e} ({r['logprob_gap_steps']})", f"{r['load_before']} -> {r['load_after']}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

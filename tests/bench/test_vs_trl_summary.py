@@ -1,0 +1,33 @@
+"""bench/vs_trl.py's summary of one point: medians after the warm-up step, the weight-sync check."""
+
+import math
+
+from bench.vs_trl import markdown, summarize
+
+
+class _Callback:
+    steps = [2.0, 0.40, 0.50, 0.45]  # TRL: the first is the warm-up
+    tokens = [700.0, 710.0, 720.0, 730.0]
+
+
+def _prime(step: float, gap: float | None = None) -> dict[str, float]:
+    m = {"timing/step": step, "timing/overhead": 0.1 * step, "timing/overhead_frac": 0.1,
+         "rollout/generated_tokens": 760.0, "timing/generate": 0.5 * step}
+    return m if gap is None else m | {"rollout/logprob_gap": gap}
+
+
+def test_summary_takes_medians_after_the_first_step_and_the_largest_logprob_gap():
+    steps = [_prime(3.0, 2e-7), _prime(0.5), _prime(0.6), _prime(0.4, 5e-7)]
+    row = summarize("tiny", _Callback(), steps, [1.0, 1.0, 1.0])
+    assert row["trl_step"] == 0.45 and row["prime_step"] == 0.5  # medians of [0.4, 0.5, 0.45] and [0.5, 0.6, 0.4]
+    assert math.isclose(row["ratio"], 0.5 / 0.45)
+    assert row["generate"] == 0.25 and row["trl_tokens"] == 720.0
+    assert row["logprob_gap"] == 5e-7 and row["logprob_gap_steps"] == 2
+    line = markdown([row | {"variant": "default"}]).splitlines()[-1]
+    assert "| 1.11x |" in line and "| 5.0e-07 (2) |" in line
+
+
+def test_a_run_without_checked_steps_says_so():
+    row = summarize("tiny", _Callback(), [_prime(1.0), _prime(0.5)], [0.0, 0.0, 0.0])
+    assert math.isnan(row["logprob_gap"]) and row["logprob_gap_steps"] == 0
+    assert "| nan (0) |" in markdown([row | {"variant": "default"}])
