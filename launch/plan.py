@@ -148,7 +148,7 @@ def _engine(cfg: Config, shape: ModelShape, tensor_parallel: int, gpu_bytes: flo
     if cfg.trainer.device == "cpu":  # the CPU backend sizes its KV cache in GiB
         # In process, the linear layers keep their plain weights beside vLLM's packed kernels
         # (prime/rollout/vllm_ext.py): two copies of every matrix (vLLM keeps the embedding's anyway).
-        copies = 2 if cfg.rollout.cpu_in_process and tensor_parallel == 1 else 1
+        copies = 2 if cfg.rollout.cpu_in_process and cfg.rollout.tensor_parallel_size == 1 else 1
         return Memory(weights=copies * weights, kv_cache=cfg.rollout.cpu_kv_cache_gib * GIB)
     return engine_memory(shape, dtype=cfg.model.dtype, tensor_parallel=tensor_parallel,
                          gpu_memory_utilization=cfg.rollout.gpu_memory_utilization, gpu_bytes=gpu_bytes)
