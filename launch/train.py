@@ -21,7 +21,6 @@ its checkpoint is committed, and a resume cuts metrics.jsonl back to the checkpo
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import os
 import shutil
@@ -66,11 +65,11 @@ PID_FILE = "driver.pid"
 # --------------------------------------------------------------------------------------------------
 
 
-def sampling_of(cfg: Config) -> Sampling:
+def sampling_of(cfg: Config, logprobs: bool = True) -> Sampling:
     r, f = cfg.rollout, cfg.filter
     return Sampling(n=r.n, max_new_tokens=r.max_response_len, temperature=r.temperature, top_p=r.top_p,
                     accuracy=f.accuracy, acc_low=f.acc_low, acc_high=f.acc_high, drop_truncated=f.truncated,
-                    max_rounds=f.max_rounds, oversample=f.oversample)
+                    max_rounds=f.max_rounds, oversample=f.oversample, logprobs=logprobs)
 
 
 def checks_logprobs(cfg: Config, step: int, first: bool) -> bool:
@@ -86,7 +85,7 @@ def rollout_stage(job: Job, step: int, timer: StageTimer, logprobs: bool = True)
     cfg, roles = job.cfg, job.roles
     got = collect_groups(
         rollout=roles.rollout, verifier=roles.verifier, dataset=job.dataset, sampler=job.sampler,
-        batch_size=cfg.trainer.batch_size, sampling=dataclasses.replace(sampling_of(cfg), logprobs=logprobs),
+        batch_size=cfg.trainer.batch_size, sampling=sampling_of(cfg, logprobs),
         seed_of=lambda rnd, engine: rollout_seed(cfg.trainer.seed, step, rnd, engine) if cfg.rollout.seeded else None,
         multiple_of=cfg.cluster.policy_world_size, timer=timer, recovery=job.recovery,
     )

@@ -116,9 +116,12 @@ class WeightSyncExtension:
         layer. Direct: they write into the plain weights, repacked in `prime_finish_update`."""
         from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
 
-        self._prime_path = update_path(self.model_runner.model)
+        model = self.model_runner.model
+        self._prime_path = update_path(model)
+        # Direct path: a head that shares the embedding's parameter is written by the embedding.
+        self._prime_skip_head = self._prime_path == "direct" and _head_is_tied(model)
         if self._prime_path == "layerwise":
-            initialize_layerwise_reload(self.model_runner.model)
+            initialize_layerwise_reload(model)
 
     def prime_load(self, named: list) -> None:
         """Load one bucket's (name, tensor) pairs (checkpoint names and format).
@@ -126,12 +129,11 @@ class WeightSyncExtension:
         Direct path: a head that shares the embedding's parameter is written by the embedding, so
         `lm_head.weight` is dropped (vLLM refuses a bucket that carries a tied head without its
         embedding; the layerwise reload buffers both until the layer is complete)."""
-        model = self.model_runner.model
-        if getattr(self, "_prime_path", "layerwise") == "direct" and _head_is_tied(model):
+        if getattr(self, "_prime_skip_head", False):
             named = [(name, t) for name, t in named if name != _LM_HEAD]
         if named:
             with _load_context():
-                model.load_weights(named)
+                self.model_runner.model.load_weights(named)
 
     def prime_load_blob(self, blob: bytes) -> int:
         """Load one chunk sent as safetensors bytes (the object-store path); returns its tensor count."""
