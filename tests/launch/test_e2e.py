@@ -137,16 +137,18 @@ def test_prime_with_vllm_runs_checkpoints_and_resumes(tmp_path):
     assert state3["sampler"]["num_served"] > state["sampler"]["num_served"]
 
 
-@pytest.mark.parametrize("algo,sync,extra", [
-    ("grpo", "object_store", {"policy/clip_frac", "advantages/mean_abs"}),
-    ("gvpo", "broadcast", {"gvpo/loss", "weight_sync/buckets"}),
+@pytest.mark.parametrize("algo,sync,engines,extra", [
+    ("grpo", "object_store", 1, {"policy/clip_frac", "advantages/mean_abs"}),
+    # two engines sharing the cores (launch.roles.engine_env), both fed by one broadcast
+    ("gvpo", "broadcast", 2, {"gvpo/loss", "weight_sync/buckets"}),
 ])
-def test_grpo_and_gvpo_with_hf_engine(tmp_path, algo, sync, extra):
+def test_grpo_and_gvpo_with_hf_engine(tmp_path, algo, sync, engines, extra):
     from launch.train import run
 
     cfg = make_cfg(tmp_path, f"algo.name={algo}", "rollout.engine=hf", "trainer.total_steps=2",
                    "trainer.save_every=2", f"trainer.run_name={algo}", f"cluster.weight_sync={sync}",
-                   "trainer.eval_every=2", f"data.eval_files=[{eval_file(tmp_path)}]")
+                   f"rollout.num_engines={engines}", "trainer.eval_every=2",
+                   f"data.eval_files=[{eval_file(tmp_path)}]")
     run_dir = run(cfg)
     rows = read_metrics(run_dir)
     check_eval(rows, [0, 2])
