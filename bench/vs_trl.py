@@ -13,11 +13,12 @@ does (both reused when present under --output-dir), then runs
   default bf16 autocast is many times slower on a CPU without bf16 units), one optimizer step per
   generation (steps_per_generation = gradient_accumulation_steps = 1, num_iterations 1), and
 - prime's GRPO through its own driver (`launch.setup.start_job`, `launch.train.train_step`) with the
-  vLLM engine, Ray actors and DeepSpeed, filters off so every step trains on the whole batch, and
-  two rollout engines of one thread each at both points (`configs/small_cpu.yaml` has
-  `rollout.num_engines: 2`; the tiny point sets it over `configs/tiny_cpu.yaml`). vLLM spends most
-  of a small model's decode step in Python (scheduling, input preparation, output processing); two
-  engines run that on both cores at once (`launch.roles.engine_env` splits the cores between them),
+  vLLM engine, Ray actors and DeepSpeed, filters off so every step trains on the whole batch; at
+  the tiny point with two rollout engines of one thread each (`rollout.num_engines=2` over
+  `configs/tiny_cpu.yaml`). vLLM spends most of the tiny model's decode step in Python (scheduling,
+  input preparation, output processing); two engines run that on both cores at once
+  (`launch.roles.engine_env` splits the cores between them). At the small point, where the model's
+  kernels take most of the step, two engines made no clear difference (README), so it runs the preset;
 
 with the same K, response cap, temperature (1.0, top-p 1, no top-k), learning rate (the preset's
 `actor.lr`), grad clip 1.0 and seed. The two sides are interleaved: a callback at the end of each TRL
@@ -48,8 +49,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 POINTS = {
     # point: (model preset, config preset, prompts per step, response cap, prime overrides of the point)
-    # tiny: two one-thread engines, as configs/small_cpu.yaml has (configs/tiny_cpu.yaml keeps one engine,
-    # which starts about 10 s sooner, for the demo and the tests); see the module docstring.
+    # tiny: two one-thread engines (configs/tiny_cpu.yaml keeps one engine, which starts about 10 s
+    # sooner, for the demo and the tests); see the module docstring.
     "tiny": ("tiny", "tiny", 8, 24, ("rollout.num_engines=2",)),
     "small": ("small", "small", 16, 128, ()),
 }

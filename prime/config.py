@@ -129,7 +129,7 @@ class RolloutConfig:
     num_engines: int = 1
     """vLLM engines (Ray actors); prompts are dealt to them round-robin. On a local CPU run the
     engines split the cores (`launch.roles.engine_env`); two on 2 cores generate faster than one
-    for small models, whose decode steps are mostly vLLM's Python (configs/small_cpu.yaml)."""
+    for the tiny preset, whose decode steps are mostly vLLM's Python (README, Against TRL)."""
     tensor_parallel_size: int = 1
     """GPUs per vLLM engine."""
     gpu_memory_utilization: float = 0.5
