@@ -107,21 +107,28 @@ class WeightSyncExtension:
     """Methods mixed into vLLM's worker class (`self` is the worker)."""
 
     # ------------------------------------------------------------------ in-place update
+    def _prime_plan(self) -> None:
+        """Decide once how this worker takes updates (`_prime_path`, and `_prime_skip_head`: a head
+        that shares the embedding's parameter is written by the embedding). Both hold for the
+        worker's life: the direct path's repack keeps the plain weights, the layerwise reload drops them."""
+        if not hasattr(self, "_prime_path"):
+            model = self.model_runner.model
+            self._prime_path = update_path(model)
+            self._prime_skip_head = self._prime_path == "direct" and _head_is_tied(model)
+
     def prime_update_path(self) -> str:
         """How this worker takes new weights: "direct" or "layerwise" (see `update_path`)."""
-        return update_path(self.model_runner.model)
+        self._prime_plan()
+        return self._prime_path
 
     def prime_begin_update(self) -> None:
         """Start an in-place update. Layerwise: later `model.load_weights` calls are buffered per
         layer. Direct: they write into the plain weights, repacked in `prime_finish_update`."""
         from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
 
-        model = self.model_runner.model
-        self._prime_path = update_path(model)
-        # Direct path: a head that shares the embedding's parameter is written by the embedding.
-        self._prime_skip_head = self._prime_path == "direct" and _head_is_tied(model)
+        self._prime_plan()
         if self._prime_path == "layerwise":
-            initialize_layerwise_reload(model)
+            initialize_layerwise_reload(self.model_runner.model)
 
     def prime_load(self, named: list) -> None:
         """Load one bucket's (name, tensor) pairs (checkpoint names and format).
