@@ -4,6 +4,9 @@ Why a hand-rolled pool and not ``concurrent.futures.ProcessPoolExecutor``: sympy
 math-verify) can hang inside one C call that no signal interrupts, and an executor cannot kill one
 worker; a hung item would block the training step. Here every worker is a process with its own
 pipe; an item that overruns ``timeout_s`` gets its worker SIGKILLed and replaced, and scores 0.
+Items go out in chunks (see :func:`chunk_size`; one item per message cost about 0.15 ms per item
+in round trips) and come back one answer per item, so the limit is still per item: it restarts at
+each answer, and the items queued behind a killed worker's current one go to the other workers.
 A code item's sandbox dies with its worker (``setpriv --pdeathsig``, see sandbox.py).
 
 Workers come from a ``forkserver`` that has math-verify/sympy imported once, so starting or
@@ -33,6 +36,7 @@ from prime.verifiers.math import DEFAULT_TIMEOUT_S as MATH_TIMEOUT_S
 
 __all__ = ["VerifierPool", "grade_item"]
 
+MAX_CHUNK = 64
 _PRELOAD = ["math_verify", "prime.verifiers.math", "prime.verifiers.code", "prime.verifiers.registry",
             "prime.verifiers.warm"]  # warm: builds math grading's lazy parsers once (see that module)
 
@@ -66,16 +70,16 @@ def _worker_main(conn, grade_fn: Callable, settings: Mapping[str, float]) -> Non
             return
         if msg is None:
             return
-        index, item = msg
-        try:
-            score, status = grade_fn(item, settings)
-            score = float(score)
-        except BaseException:  # noqa: BLE001 - any grader failure scores 0 and is counted
-            score, status = 0.0, "error"
-        try:
-            conn.send((index, score, status))
-        except (OSError, ValueError):
-            return
+        for index, item in msg:  # a chunk: one answer per item, in order, as each is graded
+            try:
+                score, status = grade_fn(item, settings)
+                score = float(score)
+            except BaseException:  # noqa: BLE001 - any grader failure scores 0 and is counted
+                score, status = 0.0, "error"
+            try:
+                conn.send((index, score, status))
+            except (OSError, ValueError):
+                return
 
 
 class _Worker:
@@ -87,7 +91,8 @@ class _Worker:
         self.process.start()
         child_conn.close()
         self.conn = parent_conn
-        self.task: tuple[int, float] | None = None  # (item index, deadline)
+        self.queue: deque[int] = deque()  # indices sent and not answered yet; the first is being graded
+        self.deadline = 0.0  # when the first of `queue` overruns
 
     def kill(self) -> None:
         try:
@@ -96,6 +101,13 @@ class _Worker:
             pass
         self.process.join(5)
         self.conn.close()
+
+
+def chunk_size(pending: int, num_workers: int) -> int:
+    """How many items an idle worker gets at once: a shrinking share of what is left (half of an
+    even split), so a batch of cheap items costs few round trips and the last chunks stay small
+    enough to balance the workers. At most MAX_CHUNK."""
+    return max(1, min(MAX_CHUNK, pending, -(-pending // (2 * num_workers))))
 
 
 class VerifierPool:
@@ -146,6 +158,14 @@ class VerifierPool:
         self._workers[self._workers.index(worker)] = self._new_worker()
         self.replaced_workers += 1
 
+    def _drop(self, worker: _Worker, pending: deque) -> None:
+        """Replace a worker whose current item hung or killed it; that item scores 0, and the items
+        queued behind it go back to the front of `pending` for another worker."""
+        worker.queue.popleft()
+        pending.extendleft(reversed(worker.queue))
+        worker.queue.clear()
+        self._replace(worker)
+
     def score(self, items: Sequence[Mapping[str, Any]]) -> tuple[list[float], dict[str, float]]:
         """Scores (same order as ``items``) and ``verify/*`` metrics.
 
@@ -172,38 +192,38 @@ class VerifierPool:
         pending = deque(range(len(items)))
         while True:
             for worker in list(self._workers):
-                if worker.task is None and pending:
-                    index = pending.popleft()
+                if not worker.queue and pending:
+                    chunk = [pending.popleft() for _ in range(chunk_size(len(pending), len(self._workers)))]
                     try:
-                        worker.conn.send((index, items[index]))
-                        worker.task = (index, time.monotonic() + self.timeout_s)
+                        worker.conn.send([(i, items[i]) for i in chunk])
+                        worker.queue.extend(chunk)
+                        worker.deadline = time.monotonic() + self.timeout_s
                     except (OSError, ValueError):
-                        # A worker that died while idle: replace it and retry the item.
-                        pending.appendleft(index)
+                        # A worker that died while idle: replace it and retry the items.
+                        pending.extendleft(reversed(chunk))
                         self._replace(worker)
-            busy = [w for w in self._workers if w.task is not None]
+            busy = [w for w in self._workers if w.queue]
             if not busy:
                 break
             now = time.monotonic()
-            nearest = min(w.task[1] for w in busy)
+            nearest = min(w.deadline for w in busy)
             ready = wait([w.conn for w in busy], timeout=max(0.0, nearest - now))
             for worker in busy:
                 if worker.conn in ready:
                     try:
-                        index, score, status = worker.conn.recv()
+                        while worker.queue and worker.conn.poll():
+                            index, score, status = worker.conn.recv()
+                            worker.queue.popleft()  # answers come in the order the items were sent
+                            worker.deadline = time.monotonic() + self.timeout_s  # the next item's own limit
+                            scores[index] = score
+                            timeouts += status == "timeout"
+                            errors += status == "error"
                     except (EOFError, OSError):
                         errors += 1  # the worker died mid-item (e.g. killed by the OOM killer)
-                        worker.task = None
-                        self._replace(worker)
-                        continue
-                    scores[index] = score
-                    timeouts += status == "timeout"
-                    errors += status == "error"
-                    worker.task = None
-                elif time.monotonic() >= worker.task[1]:
+                        self._drop(worker, pending)
+                elif time.monotonic() >= worker.deadline:
                     timeouts += 1  # hung past the hard limit: score stays 0
-                    worker.task = None
-                    self._replace(worker)
+                    self._drop(worker, pending)
         n = len(items)
         metrics = {
             "verify/items": float(n),

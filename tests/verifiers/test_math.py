@@ -114,6 +114,26 @@ def test_normalize_answer():
     assert math_grader.normalize_answer("1,2") == "1,2"
 
 
+@pytest.mark.parametrize(
+    "gold,pred",
+    [("7", "007"), ("0", "-0"), ("5", "+5"), ("-1", "-1"), ("12", "21"), ("-3", "3"), ("00", "0"), ("1", "01"),
+     ("123456789012345678901234567890", "123456789012345678901234567890"),
+     ("123456789012345678901234567890", "123456789012345678901234567891"), ("+0", "0"), ("-12", "-012")],
+)
+def test_integer_answers_compare_as_math_verify_does(gold, pred):
+    # Two integer literals skip math-verify's parse; the verdict must be the one it gives.
+    mv = math_grader._math_verify()
+    want = bool(mv.verify(math_grader._parse(gold), math_grader._parse(pred), timeout_seconds=None))
+    assert math_grader._equivalent(gold, pred) is want
+    assert math_grader._INTEGER_RE.fullmatch(gold) and math_grader._INTEGER_RE.fullmatch(pred)
+
+
+@pytest.mark.parametrize("gold,pred", [("100", "1e2"), ("1", "1.0"), ("1000", "1,000"), ("٣", "3")])
+def test_non_integer_literals_still_go_through_math_verify(gold, pred):
+    # Exponents, decimals, separators and non-ASCII digits are not plain integer literals.
+    assert not (math_grader._INTEGER_RE.fullmatch(gold) and math_grader._INTEGER_RE.fullmatch(pred))
+
+
 def test_works_from_a_worker_thread():
     # math-verify's own alarm-based timeout fails outside the main thread; ours does not.
     out = []

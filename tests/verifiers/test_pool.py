@@ -4,7 +4,7 @@ import time
 
 import pytest
 
-from prime.verifiers.pool import VerifierPool
+from prime.verifiers.pool import MAX_CHUNK, VerifierPool, chunk_size
 
 from ._pool_graders import misbehaving_grader
 
@@ -59,6 +59,22 @@ def test_grader_errors_and_dead_workers_are_counted():
     assert metrics["verify/errors"] == 2  # the exception and the dead worker
     assert metrics["verify/timeouts"] == 1  # reported by the grader itself
     assert metrics["verify/mean_score"] == 0.25
+
+
+def test_items_queued_behind_a_hang_or_a_death_are_graded():
+    # One worker gets the whole batch in chunks; the items behind the one that hangs (or kills the
+    # worker) go to its replacement, and each item keeps its own time limit.
+    with VerifierPool(num_workers=1, timeout_s=1.0, code_case_timeout_s=1.0, grade_fn=misbehaving_grader) as pool:
+        scores, metrics = pool.score(_items("hang", "1", "0.5", "die", "1", "0"))
+        assert scores == [0.0, 1.0, 0.5, 0.0, 1.0, 0.0]
+        assert metrics["verify/timeouts"] == 1 and metrics["verify/errors"] == 1
+        assert pool.replaced_workers == 2
+
+
+def test_chunk_size_shrinks_with_what_is_left():
+    assert [chunk_size(n, 2) for n in (32, 24, 18, 13, 9, 6, 4, 3, 2, 1)] == [8, 6, 5, 4, 3, 2, 1, 1, 1, 1]
+    assert chunk_size(10_000, 2) == MAX_CHUNK
+    assert chunk_size(5, 8) == 1
 
 
 def test_empty_batch_and_bad_items():
