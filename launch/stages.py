@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import ray
@@ -305,15 +306,19 @@ def prm_rewards(group: ActorGroup, batch: Batch, k: int, *, mode: str, ref_is_po
     return rewards, metrics
 
 
-def policy_update(group: ActorGroup, batch: Batch, k: int, timer: StageTimer,
-                  on_policy: bool = False) -> tuple[dict[str, float], torch.Tensor]:
+def policy_update(group: ActorGroup, batch: Batch, k: int, timer: StageTimer, on_policy: bool = False,
+                  then: Callable[[], Any] | None = None) -> tuple[dict[str, float], torch.Tensor, Any]:
     """One RL update of the policy; each data-parallel rank trains on its shard of whole groups.
-    Returns its metrics and the log-probs [B, T] of its forward passes (with `on_policy`, a batch
-    without old_logp: the single-pass update's own log-probs serve as the old ones)."""
+    Returns its metrics, the log-probs [B, T] of its forward passes (with `on_policy`, a batch
+    without old_logp: the single-pass update's own log-probs serve as the old ones), and what
+    `then()` returned: `then` runs once the update calls are submitted, before waiting for them
+    (the weight sync's `start`, which queues the sync behind the update on every rank)."""
     parts = _shards(group, batch, k)
     sub = batch.packed().replace(old_logp=batch.old_logp, ref_logp=batch.ref_logp, advantages=batch.advantages,
                                  group_ids=batch.group_ids)
-    results = group.call(lambda a, r: a.update.remote(sub.select(parts[r]), on_policy))
+    refs = group.call_async(lambda a, r: a.update.remote(sub.select(parts[r]), on_policy))
+    queued = then() if then is not None else None
+    results = ray.get(refs)
     timer.compute("update_policy", max(sec for _, sec in results))
     logp = _gather_rows(parts, [lp for (_, lp), _ in results], batch.response_mask.shape)  # [B, T]
-    return dict(results[0][0][0]), logp
+    return dict(results[0][0][0]), logp, queued

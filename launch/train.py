@@ -25,6 +25,7 @@ import logging
 import os
 import shutil
 import time
+from typing import Any
 
 from launch.evaluation import run_eval
 from launch.faults import JobLost, loss_cause
@@ -105,26 +106,39 @@ def advantage_stage(cfg: Config, batch: Batch, process_rewards) -> tuple[Batch, 
     return batch.replace(advantages=adv), metrics
 
 
-def sync_stage(job: Job, timer: StageTimer) -> dict[str, float]:
-    """Push the new policy weights into the engines and get them ready to generate.
+def queued_sync(cfg: Config) -> bool:
+    """Whether the weight sync is queued right behind the policy update (see `WeightSync.start`):
+    when nothing has to happen between the two, that is, no sleeping engines to wake and no
+    trainer states to offload first."""
+    return not (cfg.rollout.enable_sleep_mode or cfg.cluster.offload_trainers)
+
+
+def sync_stage(job: Job, timer: StageTimer, started: Any = None) -> dict[str, float]:
+    """Push the new policy weights into the engines and get them ready to generate; `started`: a
+    sync queued behind the update (`queued_sync`), only waited for here.
 
     Colocated, the order keeps the GPU's peak low: the engines' weights wake (their KV cache
     stays released), the sync fills them, the trainers' states go to the host, and only then does
     the KV cache come back.
     """
     roles, cfg = job.roles, job.cfg
-    if cfg.rollout.enable_sleep_mode:
-        with timer("engine_wake"):
-            roles.rollout.call(lambda a, r: a.wake_up.remote(["weights"]))
-    with timer("weight_sync"):
-        sync = roles.weight_sync.sync()
-    if cfg.cluster.offload_trainers:
-        with timer("offload_trainers"):
-            for group in (g for g in (roles.policy, roles.prm) if g is not None):
-                group.call(lambda a, r: a.offload_states.remote())
-    if cfg.rollout.enable_sleep_mode:
-        with timer("engine_wake"):
-            roles.rollout.call(lambda a, r: a.wake_up.remote(["kv_cache"]))
+    if started is not None:
+        t0 = time.perf_counter()
+        with timer("weight_sync"):
+            sync = roles.weight_sync.finish(started, since=t0)
+    else:
+        if cfg.rollout.enable_sleep_mode:
+            with timer("engine_wake"):
+                roles.rollout.call(lambda a, r: a.wake_up.remote(["weights"]))
+        with timer("weight_sync"):
+            sync = roles.weight_sync.sync()
+        if cfg.cluster.offload_trainers:
+            with timer("offload_trainers"):
+                for group in (g for g in (roles.policy, roles.prm) if g is not None):
+                    group.call(lambda a, r: a.offload_states.remote())
+        if cfg.rollout.enable_sleep_mode:
+            with timer("engine_wake"):
+                roles.rollout.call(lambda a, r: a.wake_up.remote(["kv_cache"]))
     # Compute = what the actors did (gather, broadcast, engine load); moving objects is overhead.
     actor_s = sum(sync.get(f"weight_sync/{part}_seconds", 0.0) for part in ("gather", "broadcast", "load"))
     timer.compute("weight_sync", actor_s)
@@ -189,14 +203,15 @@ def train_step(job: Job, step: int, stop: Preemption | None = None) -> dict[str,
     with timer("advantages"):
         batch, adv_metrics = advantage_stage(cfg, batch, process_rewards)
     metrics |= adv_metrics
-    # 8. policy update
+    # 8. policy update, and (`queued_sync`) the weight sync submitted right behind it
     with timer("update_policy"):
-        policy_metrics, update_logp = policy_update(roles.policy, batch, k, timer, on_policy)
+        policy_metrics, update_logp, started = policy_update(
+            roles.policy, batch, k, timer, on_policy, then=roles.weight_sync.start if queued_sync(cfg) else None)
     metrics |= policy_metrics
     if on_policy and check:  # the update's forward scored the batch with the weights the engines sampled from
         metrics["rollout/logprob_gap"] = logprob_gap(batch.rollout_logp, update_logp, batch.response_mask)
     # 9. weight sync policy -> rollout engines
-    metrics |= sync_stage(job, timer)
+    metrics |= sync_stage(job, timer, started)
     return metrics | step_timing(timer, time.perf_counter() - t_step, batch, metrics)
 
 

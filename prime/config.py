@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import re
+import shutil
 import types
 import typing
 from dataclasses import dataclass, field
@@ -413,11 +415,13 @@ class ClusterConfig:
     weight_sync: Literal["auto", "object_store", "broadcast", "ipc"] = "auto"
     """Policy -> engine transport: the Ray object store (rank 0's whole state dict; small models);
     `broadcast`: bucket by bucket from policy rank 0 straight into every engine's worker processes
-    (NCCL on GPUs, gloo on CPU); `ipc` (colocated): policy rank i hands engine i each bucket
-    through a staging buffer on their shared device (CUDA IPC; /dev/shm on CPU); needs
-    rollout.num_engines = cluster.policy_world_size and rollout.tensor_parallel_size = 1.
-    `auto` (`weight_sync_kind`): `ipc` on colocated GPUs where it applies, `broadcast` otherwise
-    (never the object store; on the CPU it skips /dev/shm, which containers often keep small)."""
+    (NCCL on GPUs, gloo on CPU); `ipc`: each bucket through a staging buffer the engines map. On
+    GPUs (colocated) policy rank i hands engine i its buckets through CUDA IPC, which needs
+    rollout.num_engines = cluster.policy_world_size and rollout.tensor_parallel_size = 1; on the
+    CPU rank 0 hands them to every engine on its machine through /dev/shm.
+    `auto` (`weight_sync_kind`): `ipc` on colocated GPUs where it applies and on a one-machine CPU
+    run (`cluster.address=local`) whose /dev/shm has room for two buckets (containers often keep
+    it small), `broadcast` otherwise; never the object store."""
     weight_sync_bucket_mb: int = 256
     """Bucket size of the streaming weight sync (broadcast, ipc), MiB: each sender and receiver
     holds about one or two buckets beyond its weights (docs/gpu_memory.md)."""
@@ -783,13 +787,13 @@ def _validate_memory(cfg: Config, need) -> None:
     need(cfg.prm.ref_placement == "replicated" or cfg.prm.ref == "frozen",
          f"prm.ref_placement={cfg.prm.ref_placement} places the frozen reference, but prm.ref={cfg.prm.ref}; "
          "use prm.ref=frozen or prm.ref_placement=replicated")
-    if cfg.cluster.weight_sync == "ipc":
+    if cfg.cluster.weight_sync == "ipc" and cfg.trainer.device == "cuda":
         need(_engines_pair_with_ranks(cfg),
-             f"cluster.weight_sync=ipc pairs engine i with policy rank i on one device, so it needs "
+             f"cluster.weight_sync=ipc on GPUs pairs engine i with policy rank i on one device, so it needs "
              f"rollout.num_engines ({cfg.rollout.num_engines}) = cluster.policy_world_size "
              f"({cfg.cluster.policy_world_size}) and rollout.tensor_parallel_size=1 "
              f"(got {cfg.rollout.tensor_parallel_size}); use cluster.weight_sync=broadcast otherwise")
-        need(cfg.trainer.device == "cpu" or cfg.cluster.placement == "colocated",
+        need(cfg.cluster.placement == "colocated",
              "cluster.weight_sync=ipc on GPUs needs cluster.placement=colocated (engine i on policy rank i's GPU)")
 
 
@@ -798,15 +802,25 @@ def _engines_pair_with_ranks(cfg: Config) -> bool:
     return cfg.rollout.num_engines == cfg.cluster.policy_world_size and cfg.rollout.tensor_parallel_size == 1
 
 
+def _shm_holds(mb: float) -> bool:
+    """Whether this machine's /dev/shm has `mb` MiB free (a container's default is 64 MiB in all)."""
+    from prime.rollout.weight_transfer import SHM_DIR
+
+    return os.path.isdir(SHM_DIR) and shutil.disk_usage(SHM_DIR).free >= mb * 2**20
+
+
 def weight_sync_kind(cfg: Config) -> str:
     """The transport `cluster.weight_sync` names, with `auto` resolved: `ipc` when every engine pairs
-    with the policy rank on its GPU (colocated, one engine per rank, one GPU per engine), else
-    `broadcast`."""
+    with the policy rank on its GPU (colocated, one engine per rank, one GPU per engine) and on a
+    CPU run on one machine (`cluster.address=local`: one staging buffer in its memory serves every
+    engine, if /dev/shm has room for two buckets), else `broadcast`."""
     kind = cfg.cluster.weight_sync
     if kind != "auto":
         return kind
-    colocated_gpus = cfg.trainer.device == "cuda" and cfg.cluster.placement == "colocated"
-    return "ipc" if _engines_pair_with_ranks(cfg) and colocated_gpus else "broadcast"
+    if cfg.trainer.device == "cpu":
+        return "ipc" if cfg.cluster.address == "local" and _shm_holds(2 * cfg.cluster.weight_sync_bucket_mb) else "broadcast"
+    colocated = cfg.cluster.placement == "colocated"
+    return "ipc" if _engines_pair_with_ranks(cfg) and colocated else "broadcast"
 
 
 def _validate_eval(cfg: Config, need) -> None:

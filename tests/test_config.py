@@ -1,5 +1,6 @@
 """Config tree: presets, dotted overrides, and the error message for each kind of bad input."""
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -76,8 +77,8 @@ BAD = [
     (["prm.ref=policy", "prm.ref_placement=sharded"], ["prm.ref_placement=sharded", "prm.ref=policy"]),
     (["prm.ref_placement=everywhere"], ["prm.ref_placement", "'replicated', 'sharded', 'offload'"]),
     (["cluster.weight_sync=nccl"], ["cluster.weight_sync", "'auto', 'object_store', 'broadcast', 'ipc'"]),
-    (["cluster.weight_sync=ipc", "rollout.num_engines=2"], ["weight_sync=ipc", "rollout.num_engines (2)",
-                                                            "cluster.policy_world_size (1)"]),
+    (["cluster.weight_sync=ipc", "rollout.num_engines=2", "trainer.device=cuda", "cluster.placement=colocated"],
+     ["weight_sync=ipc", "rollout.num_engines (2)", "cluster.policy_world_size (1)"]),
     (["cluster.weight_sync=ipc", "trainer.device=cuda"], ["weight_sync=ipc", "cluster.placement=colocated"]),
     (["rollout.sleep_level=3"], ["rollout.sleep_level", "one of 1, 2"]),
     (["prm.offload_optimizer=true", "prm.zero_stage=0"], ["prm.offload_optimizer=true needs prm.zero_stage >= 1"]),
@@ -155,7 +156,9 @@ def test_a_float_override_written_without_a_dot_is_a_float():
 
 
 @pytest.mark.parametrize("overrides,kind", [
-    ([], "broadcast"),  # CPU: never the object store, never /dev/shm
+    ([], "ipc"),  # one CPU machine: one /dev/shm buffer for every engine
+    (["rollout.num_engines=2"], "ipc"),
+    (["cluster.address=auto"], "broadcast"),  # a CPU cluster: the engines may be on other machines
     (["trainer.device=cuda", "cluster.placement=colocated"], "ipc"),
     (["trainer.device=cuda", "cluster.placement=colocated", "rollout.num_engines=2"], "broadcast"),
     (["trainer.device=cuda", "cluster.placement=colocated", "rollout.tensor_parallel_size=2"], "broadcast"),
@@ -163,7 +166,19 @@ def test_a_float_override_written_without_a_dot_is_a_float():
     (["cluster.weight_sync=object_store"], "object_store"),
     (["cluster.weight_sync=ipc"], "ipc"),
 ])
-def test_weight_sync_auto_resolves_by_placement(overrides, kind):
-    from prime.config import weight_sync_kind
+def test_weight_sync_auto_resolves_by_placement(overrides, kind, monkeypatch):
+    import prime.config
 
-    assert weight_sync_kind(load_config(None, overrides)) == kind
+    monkeypatch.setattr(prime.config, "_shm_holds", lambda mb: True)
+    assert prime.config.weight_sync_kind(load_config(None, overrides)) == kind
+
+
+def test_weight_sync_auto_on_the_cpu_needs_room_in_dev_shm(monkeypatch):
+    import prime.config
+
+    assert prime.config._shm_holds(0) is os.path.isdir("/dev/shm")
+    assert not prime.config._shm_holds(2**40)  # 1 EiB
+    asked = []
+    monkeypatch.setattr(prime.config, "_shm_holds", lambda mb: asked.append(mb) or False)
+    assert prime.config.weight_sync_kind(load_config(None, ["cluster.weight_sync_bucket_mb=64"])) == "broadcast"
+    assert asked == [128]  # two buckets

@@ -1,7 +1,7 @@
 """Weight sync policy -> rollout engines after every update.
 
-Three kinds (`cluster.weight_sync`) behind one small interface (`WeightSync.sync() -> metrics`,
-`close()`):
+Three kinds (`cluster.weight_sync`) behind one small interface (`WeightSync.sync() -> metrics`, or
+`start()` then `finish()`, and `close()`):
 
 - `object_store` (`ObjectStoreSync`; CPU and small models): policy rank 0 returns its full HF-named
   state dict, Ray stores it once, and every engine loads it (vLLM in safetensors chunks of at most
@@ -11,11 +11,13 @@ Three kinds (`cluster.weight_sync`) behind one small interface (`WeightSync.sync
   tensor-parallel rank, joined through prime's worker extension (`prime/rollout/vllm_ext.py`),
   or the actor for the HF engine. NCCL when every member has a GPU of its own, gloo otherwise. The
   weights are gathered, sent and loaded one bucket at a time.
-- `ipc` (`StreamingSync`, colocated placement): policy rank i serves engine i on the same device.
-  Every rank gathers each bucket anyway under ZeRO-3, so rank i copies it into a staging buffer
-  that engine i's worker maps once (a CUDA IPC handle on a GPU, a /dev/shm file on the CPU); a
-  small gloo group per pair only signals "bucket ready" and "bucket copied". Needs as many
-  engines as policy ranks, one process per engine, each on its rank's GPU.
+- `ipc` (`StreamingSync`): the sender copies each bucket into a staging buffer that the engines'
+  workers map once; a small gloo group only signals "bucket ready" and "bucket copied".
+  On GPUs (colocated placement) policy rank i serves engine i on its GPU through a CUDA IPC
+  handle (every rank gathers each bucket anyway under ZeRO-3); that needs as many engines as
+  policy ranks, one process per engine. On a CPU run the buffer is a /dev/shm file, and policy
+  rank 0 serves every engine on its node (the default on one machine: a tiny model's send took
+  1 ms this way against 5-8 ms over gloo's TCP broadcast, see the README's benchmarks).
 
 Every policy rank takes part in a sync: under ZeRO-3 each bucket is gathered collectively.
 The bucket plan, the channels and the receiving end need no Ray; they live in
@@ -37,10 +39,22 @@ WEIGHT_SYNC_KINDS = ("object_store", "broadcast", "ipc")
 
 
 class WeightSync(Protocol):
-    """Pushes the policy's current weights into every rollout engine."""
+    """Pushes the policy's current weights into every rollout engine.
+
+    `start()` only submits the actor calls; a policy actor runs them after the calls it already
+    has (actors run their calls in order), so the driver can queue a sync right behind an update,
+    with no round trip between the two. `finish(started)` waits for it.
+    """
+
+    def start(self) -> Any:
+        """Submit one sync; pass what it returns to `finish`."""
+
+    def finish(self, started: Any, since: float | None = None) -> dict[str, float]:
+        """Wait for a started sync; metrics `weight_sync/bytes`, `weight_sync/buckets`,
+        `weight_sync/seconds` (from `since`, a `time.perf_counter()`, else from `start`), ..."""
 
     def sync(self) -> dict[str, float]:
-        """One sync; metrics `weight_sync/bytes`, `weight_sync/buckets`, `weight_sync/seconds`, ..."""
+        """One sync: `finish(start())`."""
 
     def close(self) -> None:
         """Release the transport's resources (process groups, staging buffers)."""
@@ -52,16 +66,21 @@ class ObjectStoreSync:
     def __init__(self, policy: ActorGroup, rollout: ActorGroup) -> None:
         self.policy, self.rollout = policy, rollout
 
-    def sync(self) -> dict[str, float]:
-        import ray
-
+    def start(self) -> tuple:
         t0 = time.perf_counter()
         refs = [a.export_weights.options(num_returns=2).remote() for a in self.policy.actors]
-        weights_ref, nbytes_ref = refs[0]
+        weights_ref, _ = refs[0]
+        loads = [e.load_weights.remote(weights_ref) for e in self.rollout.actors]  # they wait for the object
+        return t0, refs, loads
+
+    def finish(self, started: tuple, since: float | None = None) -> dict[str, float]:
+        import ray
+
+        t0, refs, loads = started
         ray.get([nb for _, nb in refs[1:]])  # ranks > 0 return (None, 0) once the gather is done
-        load_s = ray.get([e.load_weights.remote(weights_ref) for e in self.rollout.actors])
-        nbytes = float(ray.get(nbytes_ref))
-        seconds = time.perf_counter() - t0
+        load_s = ray.get(loads)
+        nbytes = float(ray.get(refs[0][1]))
+        seconds = time.perf_counter() - (t0 if since is None else since)
         return {
             "weight_sync/bytes": nbytes,
             "weight_sync/buckets": 1.0,  # one object
@@ -70,14 +89,20 @@ class ObjectStoreSync:
             "weight_sync/mb_per_s": nbytes / 2**20 / max(seconds, 1e-9),
         }
 
+    def sync(self) -> dict[str, float]:
+        return self.finish(self.start())
+
     def close(self) -> None:
         pass
 
 
-def _pairs(policy: ActorGroup, rollout: ActorGroup, transport: str, receivers: list[int]) -> list[tuple[Any, list]]:
-    """(sender actor, [(engine actor, its receiving processes)]) for each group of the transport."""
+def _pairs(policy: ActorGroup, rollout: ActorGroup, transport: str, receivers: list[int],
+           cpu: bool = False) -> list[tuple[Any, list]]:
+    """(sender actor, [(engine actor, its receiving processes)]) for each group of the transport.
+    `cpu`: the policy trains on the CPU, where one "ipc" staging buffer in the host's memory
+    serves every engine on that host, so policy rank 0 sends to them all, as with "broadcast"."""
     engines = list(zip(rollout.actors, receivers))
-    if transport == "broadcast":
+    if transport == "broadcast" or cpu:
         return [(policy.actors[0], engines)]
     if len(rollout.actors) != len(policy.actors):
         raise ValueError(f"weight_sync=ipc pairs engine i with policy rank i, so it needs as many engines "
@@ -91,8 +116,10 @@ def _pairs(policy: ActorGroup, rollout: ActorGroup, transport: str, receivers: l
 def _check_same_device(sender_info: dict, engine_infos: list[dict]) -> None:
     for info in engine_infos:
         if info["ip"] != sender_info["ip"] or info["gpu"] != sender_info["gpu"]:
-            raise ValueError(f"weight_sync=ipc needs each engine on its policy rank's device; policy rank at "
-                             f"{sender_info}, engine at {info} (colocated placement puts them together)")
+            where = ("on its policy rank's device (colocated placement puts them together)" if sender_info["gpu"]
+                     else "on the policy's node (a CPU run's staging buffer is in that node's memory)")
+            raise ValueError(f"weight_sync=ipc needs each engine {where}; policy rank at {sender_info}, "
+                             f"engine at {info}; use broadcast")
 
 
 class StreamingSync:
@@ -119,7 +146,8 @@ class StreamingSync:
         self.buckets: list[Bucket] = plans[0]
         self.nbytes = sum(b.nbytes for b in self.buckets)
         receivers = ray.get([e.weight_sync_receivers.remote() for e in rollout.actors])
-        groups = _pairs(policy, rollout, transport, receivers)
+        cpu = transport == "ipc" and ray.get(policy.actors[0].transport_info.remote())["gpu"] is None
+        groups = _pairs(policy, rollout, transport, receivers, cpu)
         self.senders = [sender for sender, _ in groups]
         self.backends = [self._join(sender, engines, backend, timeout_s) for sender, engines in groups]
         self.backend = self.backends[0]
@@ -144,17 +172,21 @@ class StreamingSync:
         ray.get(joins)
         return backend
 
-    def sync(self) -> dict[str, float]:
-        import ray
-
+    def start(self) -> tuple:
         t0 = time.perf_counter()
         # Receivers first so they are waiting when the senders start (each side would block in the
         # collective until the other arrives anyway).
         recv = [e.receive_weights.remote() for e in self.rollout.actors]
         send = [a.send_weights.remote() for a in self.policy.actors]
+        return t0, recv, send
+
+    def finish(self, started: tuple, since: float | None = None) -> dict[str, float]:
+        import ray
+
+        t0, recv, send = started
         sent = [s for s in ray.get(send) if s is not None]
         received = ray.get(recv)
-        seconds = time.perf_counter() - t0
+        seconds = time.perf_counter() - (t0 if since is None else since)
         return {
             "weight_sync/bytes": sent[0]["bytes"],
             "weight_sync/buckets": sent[0]["buckets"],
@@ -164,6 +196,9 @@ class StreamingSync:
             "weight_sync/load_seconds": max(r["load_seconds"] for r in received),
             "weight_sync/mb_per_s": sent[0]["bytes"] / 2**20 / max(seconds, 1e-9),
         }
+
+    def sync(self) -> dict[str, float]:
+        return self.finish(self.start())
 
     def close(self) -> None:
         import ray

@@ -26,6 +26,7 @@ from __future__ import annotations
 import datetime
 import os
 import pickle
+import shutil
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
@@ -38,6 +39,7 @@ BACKENDS = ("gloo", "nccl")
 TRANSPORTS = ("broadcast", "ipc")
 _STORE_PREFIX = "prime-weight-sync"
 _ABORT = -1
+SHM_DIR = "/dev/shm"  # where a CPU staging buffer lives: memory, shared between the processes of one machine
 
 
 # --------------------------------------------------------------------------------------------------
@@ -416,7 +418,12 @@ class SharedStaging:
             gpu = str(torch.cuda.get_device_properties(device).uuid)
             self.handle = {"kind": "cuda", "nbytes": nbytes, "gpu": gpu, "args": pickle.dumps(args)}
         elif device.type == "cpu":
-            self.path = f"/dev/shm/prime-weight-sync-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+            free = shutil.disk_usage(SHM_DIR).free if os.path.isdir(SHM_DIR) else 0
+            if free < nbytes:
+                raise ValueError(f"the weight-sync staging buffer needs {nbytes / 2**20:.1f} MiB in {SHM_DIR}, which "
+                                 f"has {free / 2**20:.1f} MiB free; use cluster.weight_sync=broadcast, or a smaller "
+                                 "cluster.weight_sync_bucket_mb (a container may need a larger --shm-size)")
+            self.path = f"{SHM_DIR}/prime-weight-sync-{os.getpid()}-{uuid.uuid4().hex[:12]}"
             fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
             try:
                 os.ftruncate(fd, nbytes)
@@ -427,10 +434,15 @@ class SharedStaging:
         else:
             raise ValueError(f"shared staging needs a cuda or cpu device, got {device}")
 
-    def close(self) -> None:
-        self.tensor = None
+    def unlink(self) -> None:
+        """Remove the /dev/shm file's name once every member has mapped it: the memory lives as long as
+        a mapping does, and nothing is left behind if a process is killed."""
         if self.path is not None and os.path.exists(self.path):
             os.unlink(self.path)
+
+    def close(self) -> None:
+        self.tensor = None
+        self.unlink()
 
 
 def open_shared(handle: Mapping[str, Any]) -> torch.Tensor:
@@ -472,6 +484,9 @@ class SharedBufferChannel(_Group):
         super().__init__(host, port, rank, world_size, "gloo", bind_ip, store=store, timeout_s=timeout_s)
         self._staging = staging
         self.buffer = staging.tensor if rank == 0 else open_shared(handle)  # [nbytes] uint8
+        self._barrier()  # every member has mapped the buffer
+        if rank == 0:
+            staging.unlink()
 
     def _barrier(self) -> None:
         t = torch.zeros(1)

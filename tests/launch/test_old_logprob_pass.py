@@ -1,4 +1,5 @@
-"""When a step skips the separate old-log-prob pass (`launch.train.on_policy_update`)."""
+"""Step plan choices: when a step skips the separate old-log-prob pass (`launch.train.on_policy_update`),
+when it checks the engines' log-probs, and when the weight sync is queued behind the update."""
 
 import pytest
 
@@ -40,3 +41,14 @@ def test_logprob_check_schedule(every, first, checked):
 
     cfg = _cfg(f"rollout.logprob_check_every={every}")
     assert [s for s in range(first, 41) if checks_logprobs(cfg, s, first=s == first)] == checked
+
+
+@pytest.mark.parametrize("overrides, queued", [
+    ((), True),                                   # the sync goes right behind the update
+    (("rollout.enable_sleep_mode=true",), False),  # the engines' weights wake first
+    (("cluster.offload_trainers=true",), False),   # the sync runs before the trainers' states leave
+])
+def test_weight_sync_queued_behind_the_update(overrides, queued):
+    from launch.train import queued_sync
+
+    assert queued_sync(_cfg(*overrides)) is queued

@@ -276,6 +276,37 @@ def test_shared_staging_is_one_file_in_memory_removed_at_close():
         open_shared({"kind": "tape"})
 
 
+def test_shared_channel_leaves_no_file_once_every_member_mapped_it():
+    # A killed job must not leave its staging buffer in /dev/shm: the name goes once all have mapped it.
+    named = _named()
+    buckets = plan_buckets(weight_specs(named), bucket_bytes=32)
+    store, port = open_store("127.0.0.1", 3, timeout_s=30)
+    staging = SharedStaging(max_bucket_bytes(buckets), torch.device("cpu"))
+    spec = dict(transport="ipc", host="127.0.0.1", port=port, world_size=3, timeout_s=30, handle=staging.handle)
+
+    def body(ch):
+        assert not os.path.exists(staging.handle["path"])
+        if ch.rank == 0:
+            ch.send_stream(buckets, (named for _ in buckets))
+            return ch.send_stream(buckets, (named for _ in buckets))["buckets"]  # and every sync after
+        ch.receive(buckets)
+        return {n: t.clone() for n, t in ch.receive(buckets)}
+
+    res = _run_members(3, lambda rank: join_channel(spec, rank, "127.0.0.1", store=store if rank == 0 else None,
+                                                    staging=staging if rank == 0 else None), body)
+    assert res[0] == 5.0
+    for r in (1, 2):
+        assert all(torch.equal(res[r][n], t) for n, t in named.items())
+
+
+def test_shared_staging_refuses_more_than_dev_shm_holds(monkeypatch):
+    import prime.rollout.weight_transfer as wt
+
+    monkeypatch.setattr(wt.shutil, "disk_usage", lambda path: type("U", (), {"free": 10 * 2**20})())
+    with pytest.raises(ValueError, match=r"needs 64.0 MiB in /dev/shm, which has 10.0 MiB free.*weight_sync=broadcast"):
+        SharedStaging(64 * 2**20, torch.device("cpu"))
+
+
 def test_process_memory_reads_proc():
     m = process_memory()
     assert 0 < m["rss"] <= m["peak"]

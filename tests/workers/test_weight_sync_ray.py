@@ -67,16 +67,20 @@ def _max_diff(a: list[list[float]], b: list[list[float]]) -> float:
     return max(abs(x - y) for ra, rb in zip(a, b) for x, y in zip(ra, rb))
 
 
-def _perturb(policy, seed: int) -> None:
-    """One real PPO step with random advantages (old_logp = current log-probs, so ratio 1)."""
+def _perturb(policy, seed: int, then=None):
+    """One real PPO step with random advantages (old_logp = current log-probs, so ratio 1); `then()`
+    runs once the update is submitted, before it is waited for. Returns what `then` returned."""
     import ray
 
     batch = _batch()
     logp, _ = ray.get(policy.actors[0].logprobs.remote(batch))
     gen = torch.Generator().manual_seed(seed)
     batch = batch.replace(old_logp=logp, advantages=torch.randn(logp.shape, generator=gen) * batch.response_mask)
-    (metrics, _), _ = ray.get(policy.actors[0].update.remote(batch))
+    ref = policy.actors[0].update.remote(batch)
+    queued = then() if then is not None else None
+    (metrics, _), _ = ray.get(ref)
     assert metrics["policy/grad_norm"] > 0
+    return queued
 
 
 def _check_sync(policy, rollout, weight_sync, seed: int) -> dict:
@@ -113,6 +117,28 @@ def test_broadcast_sync_in_several_buckets(actors):
         assert m["weight_sync/bytes"] == ws.nbytes
         m2 = _check_sync(policy, rollout, ws, seed=3)  # the group is reused across syncs
         assert m2["weight_sync/bytes"] == m["weight_sync/bytes"]
+    finally:
+        ws.close()
+
+
+@pytest.mark.parametrize("kind", ["object_store", "broadcast"])
+def test_sync_queued_behind_an_update_carries_the_updated_weights(actors, kind):
+    # The driver starts the sync before the update has returned (launch.train.queued_sync): the
+    # policy actor runs the send after the update, so the engines get the new weights.
+    from workers.weight_sync import make_weight_sync
+
+    policy, rollout = actors
+    ws = make_weight_sync(kind, policy, rollout, 0.05)
+    try:
+        ws.sync()
+        before = _policy_logp(policy)
+        started = _perturb(policy, seed=4, then=ws.start)
+        m = ws.finish(started)
+        want = _policy_logp(policy)
+        assert _max_diff(want, before) > 1e-3  # the update changed the policy
+        for got in _engine_logp(rollout):
+            assert _max_diff(got, want) < 1e-5
+        assert m["weight_sync/bytes"] > 0 and m["weight_sync/seconds"] > 0
     finally:
         ws.close()
 
