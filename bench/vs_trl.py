@@ -14,11 +14,14 @@ does (both reused when present under --output-dir), then runs
   generation (steps_per_generation = gradient_accumulation_steps = 1, num_iterations 1), and
 - prime's GRPO through its own driver (`launch.setup.start_job`, `launch.train.train_step`) with the
   vLLM engine, Ray actors and DeepSpeed, filters off so every step trains on the whole batch; at
-  the tiny point with two rollout engines of one thread each (`rollout.num_engines=2` over
-  `configs/tiny_cpu.yaml`). vLLM spends most of the tiny model's decode step in Python (scheduling,
-  input preparation, output processing); two engines run that on both cores at once
-  (`launch.roles.engine_env` splits the cores between them). At the small point, where the model's
-  kernels take most of the step, two engines made no clear difference (README), so it runs the preset;
+  the tiny point with two compiled rollout engines of one thread each (`rollout.num_engines=2
+  rollout.enforce_eager=false` over `configs/tiny_cpu.yaml`). vLLM spends most of the tiny model's
+  decode step in Python (scheduling, input preparation, output processing, the model's many small
+  ops); two engines run that on both cores at once (`launch.roles.engine_env` splits the cores
+  between them), and the compiled model fuses the small ops. The preset keeps one eager engine:
+  its runs are too short to earn back the compile (about 30 s at the start). At the small point,
+  where the model's kernels take most of the step, two engines made no clear difference (README),
+  so it runs the preset (compiled, one engine);
 
 with the same K, response cap, temperature (1.0, top-p 1, no top-k), learning rate (the preset's
 `actor.lr`), grad clip 1.0 and seed. The two sides are interleaved: a callback at the end of each TRL
@@ -49,9 +52,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 POINTS = {
     # point: (model preset, config preset, prompts per step, response cap, prime overrides of the point)
-    # tiny: two one-thread engines (configs/tiny_cpu.yaml keeps one engine, which starts about 10 s
-    # sooner, for the demo and the tests); see the module docstring.
-    "tiny": ("tiny", "tiny", 8, 24, ("rollout.num_engines=2",)),
+    # tiny: two one-thread engines, compiled (configs/tiny_cpu.yaml keeps one eager engine, which
+    # starts about 10 s sooner, and 30 s more without the compile, for the demo and the tests); see
+    # the module docstring.
+    "tiny": ("tiny", "tiny", 8, 24, ("rollout.num_engines=2", "rollout.enforce_eager=false")),
     "small": ("small", "small", 16, 128, ()),
 }
 K = 4
