@@ -802,10 +802,13 @@ def _engines_pair_with_ranks(cfg: Config) -> bool:
     return cfg.rollout.num_engines == cfg.cluster.policy_world_size and cfg.rollout.tensor_parallel_size == 1
 
 
+SHM_DIR = "/dev/shm"
+"""Where a CPU run's weight-sync staging buffer lives (`prime.rollout.weight_transfer.SharedStaging`):
+memory, shared between the processes of one machine."""
+
+
 def _shm_holds(mb: float) -> bool:
     """Whether this machine's /dev/shm has `mb` MiB free (a container's default is 64 MiB in all)."""
-    from prime.rollout.weight_transfer import SHM_DIR
-
     return os.path.isdir(SHM_DIR) and shutil.disk_usage(SHM_DIR).free >= mb * 2**20
 
 

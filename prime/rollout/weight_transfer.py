@@ -35,11 +35,12 @@ from typing import Any
 
 import torch
 
+from prime.config import SHM_DIR
+
 BACKENDS = ("gloo", "nccl")
 TRANSPORTS = ("broadcast", "ipc")
 _STORE_PREFIX = "prime-weight-sync"
 _ABORT = -1
-SHM_DIR = "/dev/shm"  # where a CPU staging buffer lives: memory, shared between the processes of one machine
 
 
 # --------------------------------------------------------------------------------------------------
