@@ -807,9 +807,14 @@ SHM_DIR = "/dev/shm"
 memory, shared between the processes of one machine."""
 
 
+def shm_free_bytes() -> int:
+    """Free bytes in this machine's /dev/shm (0 without one; a container's default is 64 MiB in all)."""
+    return shutil.disk_usage(SHM_DIR).free if os.path.isdir(SHM_DIR) else 0
+
+
 def _shm_holds(mb: float) -> bool:
-    """Whether this machine's /dev/shm has `mb` MiB free (a container's default is 64 MiB in all)."""
-    return os.path.isdir(SHM_DIR) and shutil.disk_usage(SHM_DIR).free >= mb * 2**20
+    """Whether this machine's /dev/shm has `mb` MiB free."""
+    return shm_free_bytes() >= mb * 2**20
 
 
 def weight_sync_kind(cfg: Config) -> str:

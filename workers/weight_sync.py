@@ -55,12 +55,13 @@ class WeightSync(Protocol):
 
     def sync(self) -> dict[str, float]:
         """One sync: `finish(start())`."""
+        return self.finish(self.start())
 
     def close(self) -> None:
         """Release the transport's resources (process groups, staging buffers)."""
 
 
-class ObjectStoreSync:
+class ObjectStoreSync(WeightSync):
     """Policy rank 0's state dict through the Ray object store (stored once, read by every engine)."""
 
     def __init__(self, policy: ActorGroup, rollout: ActorGroup) -> None:
@@ -88,9 +89,6 @@ class ObjectStoreSync:
             "weight_sync/load_seconds": max(load_s),
             "weight_sync/mb_per_s": nbytes / 2**20 / max(seconds, 1e-9),
         }
-
-    def sync(self) -> dict[str, float]:
-        return self.finish(self.start())
 
     def close(self) -> None:
         pass
@@ -122,7 +120,7 @@ def _check_same_device(sender_info: dict, engine_infos: list[dict]) -> None:
                              f"engine at {info}; use broadcast")
 
 
-class StreamingSync:
+class StreamingSync(WeightSync):
     """Bucket-by-bucket sync straight into the engines' worker processes ("broadcast" or "ipc").
 
     Set-up (once): every policy rank plans the buckets from its weights' names, shapes and dtypes
@@ -196,9 +194,6 @@ class StreamingSync:
             "weight_sync/load_seconds": max(r["load_seconds"] for r in received),
             "weight_sync/mb_per_s": sent[0]["bytes"] / 2**20 / max(seconds, 1e-9),
         }
-
-    def sync(self) -> dict[str, float]:
-        return self.finish(self.start())
 
     def close(self) -> None:
         import ray

@@ -26,7 +26,6 @@ from __future__ import annotations
 import datetime
 import os
 import pickle
-import shutil
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
@@ -35,7 +34,7 @@ from typing import Any
 
 import torch
 
-from prime.config import SHM_DIR
+from prime.config import SHM_DIR, shm_free_bytes
 
 BACKENDS = ("gloo", "nccl")
 TRANSPORTS = ("broadcast", "ipc")
@@ -419,7 +418,7 @@ class SharedStaging:
             gpu = str(torch.cuda.get_device_properties(device).uuid)
             self.handle = {"kind": "cuda", "nbytes": nbytes, "gpu": gpu, "args": pickle.dumps(args)}
         elif device.type == "cpu":
-            free = shutil.disk_usage(SHM_DIR).free if os.path.isdir(SHM_DIR) else 0
+            free = shm_free_bytes()
             if free < nbytes:
                 raise ValueError(f"the weight-sync staging buffer needs {nbytes / 2**20:.1f} MiB in {SHM_DIR}, which "
                                  f"has {free / 2**20:.1f} MiB free; use cluster.weight_sync=broadcast, or a smaller "

@@ -300,9 +300,9 @@ def test_shared_channel_leaves_no_file_once_every_member_mapped_it():
 
 
 def test_shared_staging_refuses_more_than_dev_shm_holds(monkeypatch):
-    import prime.rollout.weight_transfer as wt
+    import shutil
 
-    monkeypatch.setattr(wt.shutil, "disk_usage", lambda path: type("U", (), {"free": 10 * 2**20})())
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: type("U", (), {"free": 10 * 2**20})())
     with pytest.raises(ValueError, match=r"needs 64.0 MiB in /dev/shm, which has 10.0 MiB free.*weight_sync=broadcast"):
         SharedStaging(64 * 2**20, torch.device("cpu"))
 
