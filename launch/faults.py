@@ -61,13 +61,16 @@ class Recovery:
         out, self.counts = self.counts, {}
         return out
 
-    def gather(self, group: ActorGroup, calls: list[tuple[int, Callable[[Any], Any]]]) -> list:
+    def gather(self, group: ActorGroup, calls: list[tuple[int, Callable[[Any], Any]]],
+               submitted: list | None = None) -> list:
         """Results of `calls` in order; call `(i, submit)` runs `submit(group.actors[i])` (an ObjectRef).
 
-        A call whose actor died is sent again to the restarted actor; an actor that cannot come
-        back (restarts used up, or not back within `wait_s`) raises JobLost.
+        `submitted`: the calls' first tries, already sent (one ObjectRef per call); `submit` then
+        only sends a retry. A call whose actor died is sent again to the restarted actor; an actor
+        that cannot come back (restarts used up, or not back within `wait_s`) raises JobLost.
         """
-        pending = {k: submit(group.actors[i]) for k, (i, submit) in enumerate(calls)}
+        pending = dict(enumerate(submitted)) if submitted is not None else \
+            {k: submit(group.actors[i]) for k, (i, submit) in enumerate(calls)}
         tries = [0] * len(calls)
         results: dict[int, Any] = {}
         while pending:
@@ -144,8 +147,8 @@ def loss_cause(error: BaseException, groups: dict[str, ActorGroup]) -> str | Non
 
 
 def gather_dealt(group: ActorGroup, calls: list[tuple[int, Callable[[Any], Any]]],
-                 recovery: Recovery | None) -> list:
+                 recovery: Recovery | None, submitted: list | None = None) -> list:
     """`recovery.gather`, or (no recovery) every call once, failing with the first lost actor."""
     if recovery is not None:
-        return recovery.gather(group, calls)
-    return ray.get([submit(group.actors[i]) for i, submit in calls])
+        return recovery.gather(group, calls, submitted)
+    return ray.get(submitted if submitted is not None else [submit(group.actors[i]) for i, submit in calls])

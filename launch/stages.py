@@ -98,17 +98,25 @@ def undeal(parts: list[list], total: int, n: int) -> list:
     return out
 
 
+def _generate_calls(rollout: ActorGroup, prompt_ids: list[list[int]], seed_of_engine: Callable[[int], int | None],
+                    *args: Any) -> list[tuple[int, Callable[[Any], Any]]]:
+    """One `generate(chunk, *args with the seed)` call per engine with prompts (dealt round-robin);
+    `args`: n, max_new_tokens, temperature, top_p, logprobs. A retry sends the same seed."""
+    n, max_new_tokens, temperature, top_p, logprobs = args
+    return [(i, lambda e, chunk=chunk, seed=seed_of_engine(i): e.generate.remote(
+                chunk, n, max_new_tokens, temperature, top_p, seed, logprobs))
+            for i, chunk in enumerate(deal(prompt_ids, rollout.world_size)) if chunk]
+
+
 def generate(rollout: ActorGroup, prompt_ids: list[list[int]], *, n: int, max_new_tokens: int, temperature: float,
              top_p: float, seed_of_engine: Callable[[int], int | None],
              recovery: Recovery | None = None, logprobs: bool = True) -> tuple[list[list[Completion]], float]:
     """Deal prompts round-robin to the engines, n completions each, back in prompt order; and the
     engines' compute seconds (the slowest engine's). With `recovery`, a dead engine's share is
     generated again, with the same seed, once Ray has restarted it."""
-    calls = [(i, lambda e, chunk=chunk, seed=seed_of_engine(i): e.generate.remote(chunk, n, max_new_tokens, temperature,
-                                                                               top_p, seed, logprobs))
-             for i, chunk in enumerate(deal(prompt_ids, rollout.world_size)) if chunk]
+    calls = _generate_calls(rollout, prompt_ids, seed_of_engine, n, max_new_tokens, temperature, top_p, logprobs)
     results = gather_dealt(rollout, calls, recovery)
-    return undeal([outs for outs, _ in results], len(prompt_ids), rollout.world_size), max(sec for _, sec in results)
+    return undeal([r[0] for r in results], len(prompt_ids), rollout.world_size), max(r[1] for r in results)
 
 
 def verify(verifier: ActorGroup, items: list[dict],
@@ -126,17 +134,87 @@ def verify(verifier: ActorGroup, items: list[dict],
     return flat, metrics
 
 
+def _grading_items(prompts: list[PromptItem], completions: list[list[Completion]]) -> list[dict]:
+    return [dict(_grading_fields(p), response=c.text) for p, comps in zip(prompts, completions) for c in comps]
+
+
+def _grading_fields(p: PromptItem) -> dict:
+    return {"ability": p.ability, "data_source": p.data_source, "ground_truth": p.ground_truth}
+
+
+def _by_prompt(flat: list[float], n_prompts: int, k: int) -> list[list[float]]:
+    return [flat[i * k:(i + 1) * k] for i in range(n_prompts)]
+
+
 def verify_groups(verifier: ActorGroup, prompts: list[PromptItem], completions: list[list[Completion]],
                   timer: StageTimer, recovery: Recovery | None = None) -> tuple[list[list[float]], dict[str, float]]:
     """Grade every response of every prompt; one list of K scores per prompt."""
-    items = [
-        {"ability": p.ability, "data_source": p.data_source, "response": c.text, "ground_truth": p.ground_truth}
-        for p, comps in zip(prompts, completions) for c in comps
-    ]
-    flat, metrics = verify(verifier, items, recovery)
+    flat, metrics = verify(verifier, _grading_items(prompts, completions), recovery)
     timer.compute("verify", metrics.pop("verify/seconds"))
-    k = len(completions[0]) if completions else 0
-    return [flat[i * k:(i + 1) * k] for i in range(len(prompts))], metrics
+    return _by_prompt(flat, len(prompts), len(completions[0]) if completions else 0), metrics
+
+
+def generate_and_verify(rollout: ActorGroup, verifier: ActorGroup, prompts: list[PromptItem], s: Sampling,
+                        seed_of_engine: Callable[[int], int | None], timer: StageTimer,
+                        recovery: Recovery | None = None) -> tuple[list[list[Completion]], list[list[float]],
+                                                                    dict[str, float]]:
+    """Generate `s.n` responses per prompt and grade them: the completions and one list of scores per
+    prompt, and `verify/*` metrics.
+
+    With at least as many engines as verifier actors, each engine's share is graded straight from
+    its result: the grading call (`VerifierWorker.score_generated`, engine i's share to verifier
+    actor i mod V) is sent together with the generation call, with the generation's ObjectRef as
+    its argument, so Ray hands the result to the verifier the moment it exists. The driver does not
+    wait for generation before sending the grading, and a share is graded while slower engines are
+    still generating. Then `compute/verify` counts only the grading done after the last engine
+    finished (from the actors' wall clocks), so that what ran in the shadow of generation is not
+    counted twice. With more verifier actors than engines, the two stages run one after the other
+    and every verifier actor gets a share.
+
+    With `recovery`, a dead engine's share is generated again (same seed) and then every share is
+    graded anew from the driver; a dead verifier actor's share is graded again from the driver.
+    """
+    if verifier.world_size > rollout.world_size:
+        with timer("generate"):
+            completions, seconds = generate(rollout, [p.prompt_ids for p in prompts], n=s.n,
+                                            max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
+                                            seed_of_engine=seed_of_engine, recovery=recovery, logprobs=s.logprobs)
+            timer.compute("generate", seconds)
+        with timer("verify"):
+            scores, metrics = verify_groups(verifier, prompts, completions, timer, recovery)
+        return completions, scores, metrics
+    shares = deal(prompts, rollout.world_size)
+    gen_calls = _generate_calls(rollout, [p.prompt_ids for p in prompts], seed_of_engine,
+                                s.n, s.max_new_tokens, s.temperature, s.top_p, s.logprobs)
+    restarts_key = f"faults/{rollout.name}_restarts"
+    restarts = recovery.counts.get(restarts_key, 0.0) if recovery is not None else 0.0
+    with timer("generate"):
+        gen_refs = [submit(rollout.actors[i]) for i, submit in gen_calls]
+        graded_refs = [verifier.actors[i % verifier.world_size].score_generated.remote(
+                           ref, [_grading_fields(p) for p in shares[i]])
+                       for (i, _), ref in zip(gen_calls, gen_refs)]
+        generated = gather_dealt(rollout, gen_calls, recovery, gen_refs)
+        timer.compute("generate", max(r[1] for r in generated))
+    completions = undeal([r[0] for r in generated], len(prompts), rollout.world_size)
+    regenerated = recovery is not None and recovery.counts.get(restarts_key, 0.0) != restarts
+    with timer("verify"):
+        calls = [(i % verifier.world_size,  # a retry, or every share after an engine was restarted
+                  lambda a, share=shares[i], outs=r[0]: a.score.remote(_grading_items(share, outs)))
+                 for (i, _), r in zip(gen_calls, generated)]
+        graded = gather_dealt(verifier, calls, recovery, None if regenerated else graded_refs)
+    generation_end = max(r[2] for r in generated)
+    busy: dict[int, float] = {}
+    for (actor, _), (_, m) in zip(calls, graded):
+        seconds = m["verify/seconds"]
+        if "verify/started_at" in m:  # graded as its engine finished: count what came after the last one
+            seconds = max(0.0, min(seconds, m["verify/started_at"] + seconds - generation_end))
+        busy[actor] = busy.get(actor, 0.0) + seconds
+    timer.compute("verify", max(busy.values()))
+    per_share = [_by_prompt([float(x) for x in scores], len(shares[i]), s.n)
+                 for (i, _), (scores, _) in zip(gen_calls, graded)]
+    metrics = {key: sum(float(m[key]) for _, m in graded)
+               for key in ("verify/timeouts", "verify/errors", "verify/items")}
+    return completions, undeal(per_share, len(prompts), rollout.world_size), metrics
 
 
 def filter_flags(groups: list[Group], s: Sampling) -> list[bool]:
@@ -175,14 +253,8 @@ def collect_groups(*, rollout: ActorGroup, verifier: ActorGroup, dataset: Prompt
         if missing <= 0:
             break
         prompts = dataset.batch(sampler.next_batch(math.ceil(missing * s.oversample) if filtering else missing))
-        with timer("generate"):
-            completions, seconds = generate(rollout, [p.prompt_ids for p in prompts], n=s.n,
-                                            max_new_tokens=s.max_new_tokens, temperature=s.temperature,
-                                            top_p=s.top_p, seed_of_engine=lambda engine: seed_of(rnd, engine),
-                                            recovery=recovery, logprobs=s.logprobs)
-            timer.compute("generate", seconds)
-        with timer("verify"):
-            scores, vm = verify_groups(verifier, prompts, completions, timer, recovery)
+        completions, scores, vm = generate_and_verify(rollout, verifier, prompts, s,
+                                                      lambda engine: seed_of(rnd, engine), timer, recovery)
         groups = [Group(p, c, sc) for p, c, sc in zip(prompts, completions, scores)]
         with timer("filter"):
             flags = filter_flags(groups, s)

@@ -39,11 +39,13 @@ class RolloutWorker:
 
     def generate(self, prompt_ids: list[list[int]], n: int, max_new_tokens: int, temperature: float = 1.0,
                  top_p: float = 1.0, seed: int | None = None, logprobs: bool = True):
+        """One list of `n` completions per prompt, the seconds it took, and the wall clock (`time.time()`)
+        at its end."""
         failpoints.reach("rollout.generate")
         t0 = time.perf_counter()
         out = self.engine.generate(prompt_ids, n=n, max_new_tokens=max_new_tokens, temperature=temperature,
                                    top_p=top_p, seed=seed, logprobs=logprobs)
-        return out, time.perf_counter() - t0
+        return out, time.perf_counter() - t0, time.time()
 
     def score_logprobs(self, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> list[list[float]]:
         return self.engine.score_logprobs(prompt_ids, response_ids)

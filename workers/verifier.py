@@ -6,6 +6,7 @@ The logic is :class:`prime.verifiers.pool.VerifierPool`; this class only gives i
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -23,6 +24,19 @@ class VerifierWorker:
         """Scores in item order and `verify/*` metrics (see VerifierPool.score)."""
         failpoints.reach("verifier.score")
         return self.pool.score(items)
+
+    def score_generated(self, generated: tuple[list[list[Any]], float, float],
+                        prompts: Sequence[Mapping[str, Any]]) -> tuple[list[float], dict[str, float]]:
+        """Grade one engine's share as it comes out of `RolloutWorker.generate`, without the driver
+        in between: `generated` is that call's result (Ray passes it in place of its ObjectRef),
+        `prompts` the share's `{ability, data_source, ground_truth}` in prompt order. Scores in
+        response order (prompt by prompt), `verify/*` metrics, and `verify/started_at` (wall
+        clock) so the driver can tell how much grading ran while other engines still generated."""
+        started_at = time.time()
+        completions = generated[0]
+        items = [dict(p, response=c.text) for p, comps in zip(prompts, completions) for c in comps]
+        scores, metrics = self.score(items)
+        return scores, metrics | {"verify/started_at": started_at}
 
     def shutdown(self) -> None:
         self.pool.close()
