@@ -1,6 +1,7 @@
 """Where the time of one RL step goes: per-stage seconds, throughput and the driver's own overhead.
 
     python bench/step_breakdown.py --presets tiny,small --engines vllm,hf --steps 3 [--json out.json]
+                                   [--override rollout.num_engines=2 ...]
 
 For every (preset, engine) pair this sets up a run through the driver's own set-up
 (`launch.setup.start_job`), keeps the actor groups alive and times `launch.train.train_step` for
@@ -67,14 +68,14 @@ def preset_path(preset: str) -> str:
     return path
 
 
-def bench_config(preset: str, engine: str, steps: int, output_dir: str):
+def bench_config(preset: str, engine: str, steps: int, output_dir: str, extra: tuple[str, ...] = ()):
     from prime.config import load_config
 
     overrides = list(BENCH_OVERRIDES) + [
         f"rollout.engine={engine}", f"trainer.total_steps={steps}", f"trainer.output_dir={output_dir}",
         f"trainer.run_name=bench_{preset}_{engine}",
     ]
-    return load_config(preset_path(preset), overrides)
+    return load_config(preset_path(preset), overrides + list(extra))
 
 
 def mean(values: list[float]) -> float:
@@ -130,12 +131,12 @@ def probe_weight_sync(roles) -> dict[str, float]:
     return {"gather": t1 - t0, "engine_load": engine_load, "transport": t2 - t1 - engine_load, "total": t2 - t0}
 
 
-def bench_pair(preset: str, engine: str, steps: int, output_dir: str) -> dict:
+def bench_pair(preset: str, engine: str, steps: int, output_dir: str, extra: tuple[str, ...] = ()) -> dict:
     """Set up a run as `prime train` does, time `train_step` `steps` times, tear it down."""
     from launch.setup import start_job
     from launch.train import train_step
 
-    cfg = bench_config(preset, engine, steps, output_dir)
+    cfg = bench_config(preset, engine, steps, output_dir, extra)
     load_before = load_averages()
     t0 = time.perf_counter()
     job = start_job(cfg)
@@ -192,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--engines", default="vllm,hf", help=f"comma list of {', '.join(ENGINES)}")
     parser.add_argument("--steps", type=int, default=3, help="steps per pair; the first is a warm-up")
     parser.add_argument("--json", default=None, help="also write the rows (with every step's metrics) here")
+    parser.add_argument("--override", action="append", default=[],
+                        help="a config override for every pair, e.g. rollout.num_engines=2 (repeatable)")
     parser.add_argument("--output-dir", default=os.path.join(ROOT, "runs", "bench"),
                         help="run folders (models and data are built once and reused)")
     args = parser.parse_args(argv)
@@ -212,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         for engine in engines:
             print(f"[{time.perf_counter() - t0:6.0f} s] {preset}/{engine}: load {load_averages()}",
                   file=sys.stderr, flush=True)
-            rows.append(bench_pair(preset, engine, args.steps, args.output_dir))
+            rows.append(bench_pair(preset, engine, args.steps, args.output_dir, tuple(args.override)))
     print(f"steps per pair: {args.steps} (first excluded as warm-up); seconds are means per step; "
           f"total {time.perf_counter() - t0:.0f} s")
     print(format_table(rows))

@@ -173,7 +173,9 @@ class VerifierConfig:
     """Outcome graders: math (math-verify) and code (sandboxed execution)."""
 
     num_actors: int = 1
-    """CPU-only Ray actors in the verifier pool."""
+    """CPU-only Ray actors in the verifier pool. Up to `rollout.num_engines` of them, each engine's
+    responses go straight to one actor (engine i to actor i mod num_actors) as they are generated;
+    with more actors than engines, grading waits for every engine and deals the responses to all."""
     workers_per_actor: int = 2
     """Grading processes inside each actor."""
     timeout_s: float = 10.0
