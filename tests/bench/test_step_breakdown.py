@@ -48,3 +48,11 @@ def test_single_step_is_measured_without_warmup():
 def test_unknown_preset_names_the_valid_ones():
     with pytest.raises(SystemExit, match="valid presets: .*tiny"):
         step_breakdown.preset_path("huge")
+
+
+def test_overrides_reach_the_config_after_the_bench_settings(tmp_path):
+    cfg = step_breakdown.bench_config("tiny", "vllm", 3, str(tmp_path),
+                                      ("rollout.num_engines=2", "filter.max_rounds=2"))
+    assert cfg.rollout.num_engines == 2
+    assert cfg.filter.max_rounds == 2  # the bench sets 1; an explicit override wins
+    assert cfg.rollout.engine == "vllm" and cfg.trainer.total_steps == 3
