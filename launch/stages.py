@@ -195,26 +195,33 @@ def generate_and_verify(rollout: ActorGroup, verifier: ActorGroup, prompts: list
                        for (i, _), ref in zip(gen_calls, gen_refs)]
         generated = gather_dealt(rollout, gen_calls, recovery, gen_refs)
         timer.compute("generate", max(r[1] for r in generated))
-    completions = undeal([r[0] for r in generated], len(prompts), rollout.world_size)
     regenerated = recovery is not None and recovery.counts.get(restarts_key, 0.0) != restarts
     with timer("verify"):
         calls = [(i % verifier.world_size,  # a retry, or every share after an engine was restarted
                   lambda a, share=shares[i], outs=r[0]: a.score.remote(_grading_items(share, outs)))
                  for (i, _), r in zip(gen_calls, generated)]
         graded = gather_dealt(verifier, calls, recovery, None if regenerated else graded_refs)
-    generation_end = max(r[2] for r in generated)
-    busy: dict[int, float] = {}
-    for (actor, _), (_, m) in zip(calls, graded):
-        seconds = m["verify/seconds"]
-        if "verify/started_at" in m:  # graded as its engine finished: count what came after the last one
-            seconds = max(0.0, min(seconds, m["verify/started_at"] + seconds - generation_end))
-        busy[actor] = busy.get(actor, 0.0) + seconds
-    timer.compute("verify", max(busy.values()))
+    timer.compute("verify", _grading_after(max(r[2] for r in generated), [a for a, _ in calls],
+                                           [m for _, m in graded]))
     per_share = [_by_prompt([float(x) for x in scores], len(shares[i]), s.n)
                  for (i, _), (scores, _) in zip(gen_calls, graded)]
     metrics = {key: sum(float(m[key]) for _, m in graded)
                for key in ("verify/timeouts", "verify/errors", "verify/items")}
+    completions = undeal([r[0] for r in generated], len(prompts), rollout.world_size)
     return completions, undeal(per_share, len(prompts), rollout.world_size), metrics
+
+
+def _grading_after(generation_end: float, actors: list[int], metrics: list[dict[str, float]]) -> float:
+    """The grading seconds of the busiest verifier actor after `generation_end` (wall clock): a call
+    chained to its engine (`verify/started_at` set) counts only its part after the last engine
+    finished; a call sent by the driver started after that and counts whole."""
+    busy: dict[int, float] = {}
+    for actor, m in zip(actors, metrics):
+        seconds = m["verify/seconds"]
+        if "verify/started_at" in m:
+            seconds = max(0.0, min(seconds, m["verify/started_at"] + seconds - generation_end))
+        busy[actor] = busy.get(actor, 0.0) + seconds
+    return max(busy.values())
 
 
 def filter_flags(groups: list[Group], s: Sampling) -> list[bool]:

@@ -1,5 +1,6 @@
 """Pure parts of the driver's stages: filtering generated groups, batch packing, dealing work to actors."""
 
+import pytest
 import torch
 
 from launch.stages import Group, build_batch
@@ -54,3 +55,16 @@ def test_deal_and_undeal_round_trip():
     # fewer items than actors: the trailing empty parts are not sent, and not needed back
     assert deal([10, 11], 4) == [[10], [11], [], []]
     assert undeal([[10], [11]], 2, 4) == [10, 11]
+
+
+def test_grading_after_counts_only_what_follows_the_last_engine():
+    from launch.stages import _grading_after
+
+    end = 100.0  # the last engine finished at t = 100 s (wall clock)
+    # Actor 0 graded a chained share from t = 99.0 to 99.5 (all before the end: 0 s) and one from
+    # 99.8 to 100.3 (0.3 s after it); actor 1 graded a chained share from 100.1 to 100.2 (0.1 s)
+    # and a share the driver sent after the end, 0.4 s, counted whole: actor 1 is the busiest, 0.5 s.
+    metrics = [{"verify/seconds": 0.5, "verify/started_at": 99.0}, {"verify/seconds": 0.5, "verify/started_at": 99.8},
+               {"verify/seconds": 0.1, "verify/started_at": 100.1}, {"verify/seconds": 0.4}]
+    assert _grading_after(end, [0, 0, 1, 1], metrics) == pytest.approx(0.5)
+    assert _grading_after(end, [0, 0], metrics[:2]) == pytest.approx(0.3)

@@ -508,6 +508,10 @@ def attempt(program: str, expected: str, timeout_s: float = 2.0) -> tuple[float,
     return sum(passed) / len(passed), runs[0].stdout
 
 
+# Folders every sandboxed program gets as fresh, empty tmpfs mounts of its own (prime/verifiers/sandbox.py).
+SANDBOX_OWN_DIRS = ("/tmp/",)
+
+
 def assert_unreadable(paths: list[str], canary: str, pattern: str | None = None) -> str:
     """Every path is missing from the view (FileNotFoundError); the canary never reaches stdout."""
     score, out = attempt(_reader(paths, pattern or re.escape(canary)), canary)
@@ -531,9 +535,16 @@ def test_project_checkout_is_invisible(host):
     with open(pyproject) as f:
         name_line = re.search(r'name = "[^"]+"', f.read()).group(0)  # 'name = "prime-rl-implicit"'
     paths = [pyproject, os.path.join(REPO, "prime", "verifiers", "sandbox.py"), os.path.abspath(__file__),
-             REPO + "/", os.path.dirname(REPO) + "/"]
+             REPO + "/"]
+    parent = os.path.dirname(REPO) + "/"
+    if parent not in SANDBOX_OWN_DIRS:  # a checkout under /tmp: that /tmp is the sandbox's own, below
+        paths.append(parent)
     # A leak would print the project's name line, the expected output, and score 1.0.
     assert_unreadable(paths, name_line, pattern=r'name = "[^"]+"')
+    if parent in SANDBOX_OWN_DIRS:
+        # The program sees a fresh, empty folder there, without the checkout in it.
+        _, out = attempt(_reader([parent], re.escape(os.path.basename(REPO))), "-")
+        assert out.splitlines() == [f"clean {parent}"], out
 
 
 @needs_ns
