@@ -25,6 +25,7 @@ from prime.data.sampler import PromptSampler
 from launch.faults import Recovery, gather_dealt
 from prime.rollout.base import Completion
 from workers.group import ActorGroup, shard_groups
+from workers.verifier import grading_items
 
 
 class StageTimer:
@@ -99,10 +100,10 @@ def undeal(parts: list[list], total: int, n: int) -> list:
 
 
 def _generate_calls(rollout: ActorGroup, prompt_ids: list[list[int]], seed_of_engine: Callable[[int], int | None],
-                    *args: Any) -> list[tuple[int, Callable[[Any], Any]]]:
-    """One `generate(chunk, *args with the seed)` call per engine with prompts (dealt round-robin);
-    `args`: n, max_new_tokens, temperature, top_p, logprobs. A retry sends the same seed."""
-    n, max_new_tokens, temperature, top_p, logprobs = args
+                    n: int, max_new_tokens: int, temperature: float, top_p: float,
+                    logprobs: bool) -> list[tuple[int, Callable[[Any], Any]]]:
+    """One `RolloutWorker.generate` call per engine with prompts (dealt round-robin), each with its
+    engine's seed; a retry sends the same seed."""
     return [(i, lambda e, chunk=chunk, seed=seed_of_engine(i): e.generate.remote(
                 chunk, n, max_new_tokens, temperature, top_p, seed, logprobs))
             for i, chunk in enumerate(deal(prompt_ids, rollout.world_size)) if chunk]
@@ -135,7 +136,7 @@ def verify(verifier: ActorGroup, items: list[dict],
 
 
 def _grading_items(prompts: list[PromptItem], completions: list[list[Completion]]) -> list[dict]:
-    return [dict(_grading_fields(p), response=c.text) for p, comps in zip(prompts, completions) for c in comps]
+    return grading_items([_grading_fields(p) for p in prompts], completions)
 
 
 def _grading_fields(p: PromptItem) -> dict:

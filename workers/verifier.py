@@ -14,6 +14,12 @@ from prime.verifiers.pool import VerifierPool
 from workers import failpoints
 
 
+def grading_items(prompts: Sequence[Mapping[str, Any]], completions: Sequence[Sequence[Any]]) -> list[dict]:
+    """One item per response, prompt by prompt: its prompt's `{ability, data_source, ground_truth}`
+    and the response's text."""
+    return [dict(p, response=c.text) for p, comps in zip(prompts, completions) for c in comps]
+
+
 class VerifierWorker:
     """Grades batches of `{kind|ability|data_source, response, ground_truth}` items."""
 
@@ -33,9 +39,7 @@ class VerifierWorker:
         response order (prompt by prompt), `verify/*` metrics, and `verify/started_at` (wall
         clock) so the driver can tell how much grading ran while other engines still generated."""
         started_at = time.time()
-        completions = generated[0]
-        items = [dict(p, response=c.text) for p, comps in zip(prompts, completions) for c in comps]
-        scores, metrics = self.score(items)
+        scores, metrics = self.score(grading_items(prompts, generated[0]))
         return scores, metrics | {"verify/started_at": started_at}
 
     def shutdown(self) -> None:
