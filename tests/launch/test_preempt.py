@@ -50,10 +50,15 @@ def test_the_deadline_keeps_room_for_twice_the_last_save():
     assert stop.abandon_after_s() == pytest.approx(80.0)  # 100 - 2 x 10
 
 
+# Enough steps that SIGTERM, sent once the first step's line is written, lands before the last one:
+# with 3, a machine on which a step took 0.1 s finished the run before the signal was handled.
+STEPS = 30
+
+
 def train_args(tmp_path) -> list[str]:
-    """3 steps of the shrunk tiny preset (tests/launch/test_e2e.py), no scheduled checkpoint."""
+    """STEPS steps of the shrunk tiny preset (tests/launch/test_e2e.py), no scheduled checkpoint."""
     return train_argv(tmp_path, "rollout.max_response_len=8", "algo.name=grpo", "rollout.engine=hf",
-                      "trainer.total_steps=3", "trainer.save_every=0", "trainer.run_name=pre",
+                      f"trainer.total_steps={STEPS}", "trainer.save_every=0", "trainer.run_name=pre",
                       "trainer.preempt_grace_s=120")
 
 
@@ -92,7 +97,7 @@ def test_sigterm_checkpoints_exits_0_and_the_same_command_resumes(tmp_path, caps
     steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     ckpt = find_latest(str(run_dir / "checkpoints"))
     assert ckpt is not None and load_state(ckpt)["step"] == steps[-1]  # the step it stopped after
-    assert steps == list(range(1, steps[-1] + 1)) and steps[-1] < 3
+    assert steps == list(range(1, steps[-1] + 1)) and steps[-1] < STEPS
     assert not (run_dir / "final_policy").exists()
     events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
     assert events[-1]["event"] == "preempted" and events[-1]["checkpoint"] == ckpt
@@ -100,5 +105,5 @@ def test_sigterm_checkpoints_exits_0_and_the_same_command_resumes(tmp_path, caps
     # The requeued job: the same command resumes after the checkpoint and finishes.
     assert main(args) == 0
     steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [1, 2, 3]
+    assert steps == list(range(1, STEPS + 1))
     assert (run_dir / "final_policy" / "config.json").exists()
