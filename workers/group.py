@@ -98,6 +98,11 @@ def init_ray(address: str = "local", num_cpus: int = 0, env_vars: dict[str, str]
         # Ray runs workers at nice 15 by default; on a shared box or a laptop any other job then
         # starves the actors (seen: PRM update 8-10 s -> 17-30 s). The driver waits on them anyway.
         os.environ.setdefault("RAY_worker_niceness", "0")
+        # No idle workers started ahead of time: prime's actors each start their own worker (their
+        # runtime environment differs from the job's), so prestarted ones only sat idle, each waking
+        # about 150 times a second, which preempts the trainer on a small box (bench/idle_wakeups.py).
+        os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
+        os.environ.setdefault("RAY_enable_worker_prestart", "0")
         _init_local(num_cpus, runtime_env)
     else:
         if working_dir:

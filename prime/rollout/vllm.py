@@ -37,6 +37,7 @@ import torch
 
 from prime.rollout.base import FINISH_REASONS, Completion, check_sampling_args, check_score_args
 from prime.rollout.vllm_ext import EXTENSION, keep_cpu_linear_weights
+from prime.train.engine import one_gloo_device
 
 logger = logging.getLogger(__name__)
 
@@ -157,7 +158,12 @@ class VLLMEngine:
         set_num_threads = torch.set_num_threads
         # In process, the model loads here: its CPU linear layers keep their plain weights, so a
         # weight update writes into them and repacks (the "direct" path of prime/rollout/vllm_ext.py).
-        with keep_cpu_linear_weights() if in_process else contextlib.nullcontext():
+        # In process, vLLM's single-rank process groups also share one gloo device (one polling
+        # thread instead of 13; `prime.train.engine.one_gloo_device`).
+        with contextlib.ExitStack() as scope:
+            if in_process:
+                scope.enter_context(keep_cpu_linear_weights())
+                scope.enter_context(one_gloo_device())
             self.llm = LLM(
                 model=model_path,
                 tensor_parallel_size=tensor_parallel_size,

@@ -17,6 +17,7 @@ Gradient accumulation, the way the trainers use it:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -78,6 +79,54 @@ def _import_deepspeed():
     return deepspeed
 
 
+_GLOO_DEVICE = None  # the gloo device this process's single-rank groups share (`one_gloo_device`)
+
+
+@contextlib.contextmanager
+def one_gloo_device():
+    """While active, every new gloo process group uses one transport device, shared by all such
+    groups of this process, instead of making its own.
+
+    Each gloo device runs an event-loop thread that wakes every 10 ms whether or not it has work.
+    vLLM's in-process CPU engine creates 13 single-rank groups (world, tensor-, pipeline-, data-,
+    expert-parallel and more, each a device group plus a CPU group), and a one-rank DeepSpeed
+    trainer two: as many threads, each waking 100 times a second. On a machine whose cores the
+    trainer keeps busy, every wake-up preempts one of its threads (bench/idle_wakeups.py). A
+    single-rank group sends nothing, so sharing one device costs it nothing. Only for groups of one
+    rank: the groups that carry data between processes keep their own devices.
+    """
+    from torch.distributed import distributed_c10d as c10d
+
+    global _GLOO_DEVICE
+    gloo = c10d.ProcessGroupGloo
+    if _GLOO_DEVICE is None:
+        _GLOO_DEVICE = gloo.create_default_device()  # what each group would make for itself
+    device = _GLOO_DEVICE
+
+    class SharedDeviceGloo(gloo):
+        def __init__(self, store, rank, size, timeout=None):
+            options = gloo._Options()
+            options._devices = [device]
+            if timeout is not None:
+                options._timeout = timeout
+            super().__init__(store, rank, size, options)
+
+    c10d.ProcessGroupGloo = SharedDeviceGloo
+    try:
+        yield
+    finally:
+        c10d.ProcessGroupGloo = gloo
+
+
+def _single_rank_gloo() -> contextlib.AbstractContextManager:
+    """`one_gloo_device()` for a one-process gloo world, else nothing."""
+    import torch.distributed as dist
+
+    single = (dist.is_available() and dist.is_initialized() and dist.get_world_size() == 1
+              and dist.get_backend() == "gloo")
+    return one_gloo_device() if single else contextlib.nullcontext()
+
+
 def ensure_distributed() -> None:
     """Initialise torch.distributed if the caller has not.
 
@@ -100,7 +149,9 @@ def ensure_distributed() -> None:
         # Keep gloo's connections on the loopback device (it otherwise picks the hostname's address).
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     backend = "nccl" if torch.cuda.is_available() else "gloo"
-    deepspeed.init_distributed(dist_backend=backend)
+    alone = backend == "gloo" and os.environ["WORLD_SIZE"] == "1"
+    with one_gloo_device() if alone else contextlib.nullcontext():
+        deepspeed.init_distributed(dist_backend=backend)
 
 
 def accelerator_device() -> torch.device:
@@ -243,9 +294,10 @@ def build_engine(model: torch.nn.Module, settings: EngineSettings):
         return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
     params = [p for p in model.parameters() if p.requires_grad]
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, model_parameters=params, config=ds_config(s), lr_scheduler=make_scheduler
-    )
+    with _single_rank_gloo():  # DeepSpeed makes its groups here
+        engine, _, _, _ = deepspeed.initialize(
+            model=model, model_parameters=params, config=ds_config(s), lr_scheduler=make_scheduler
+        )
     return engine
 
 
@@ -267,7 +319,8 @@ def build_frozen_engine(model: torch.nn.Module, config: dict):
     ensure_distributed()
     deepspeed = _import_deepspeed()
     model.requires_grad_(False)
-    engine, _, _, _ = deepspeed.initialize(model=model, config=config)
+    with _single_rank_gloo():
+        engine, _, _, _ = deepspeed.initialize(model=model, config=config)
     engine.eval()
     return engine
 

@@ -156,6 +156,7 @@ out = eng.generate([[1, 40, 41], [1, 50]], n=2, max_new_tokens=6, seed=3)
 me = str(os.getpid())
 children = [p for p in os.listdir("/proc") if p.isdigit()
             and open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()[1] == me]
+gloo_loops = sum(open(f"/proc/self/task/{t}/comm").read().strip() == "gloo_tcp_loop" for t in os.listdir("/proc/self/task"))
 # A weight update on the direct path: every tensor perturbed, lm_head.weight left to load_weights.
 before = eng.score_logprobs(prompts, responses)
 policy = HFEngine(sys.argv[1])
@@ -166,7 +167,7 @@ policy.load_weights(new.items())
 eng.load_weights(new.items(), chunk_bytes=64 * 1024)
 torch.set_num_threads(1)
 print(json.dumps({"tokens": [c.token_ids for g in out for c in g],
-                  "logprobs": [c.logprobs for g in out for c in g], "children": children,
+                  "logprobs": [c.logprobs for g in out for c in g], "children": children, "gloo_loops": gloo_loops,
                   "threads": torch.get_num_threads(), "path": eng.update_path(), "before": before,
                   "after": eng.score_logprobs(prompts, responses),
                   "expected": policy.score_logprobs(prompts, responses)}))
@@ -178,7 +179,8 @@ def test_in_process_engine_samples_like_worker_processes(engine, tiny_model_path
     """`in_process=True` (the rollout actors' CPU default) runs no engine-core or worker process,
     leaves torch.set_num_threads working, and samples the same tokens for the same seed. Its weight
     updates take the direct path (load into the kept plain weights, repack), the worker-process
-    engine's vLLM's layerwise reload; after a direct update it scores like the updated policy."""
+    engine's vLLM's layerwise reload; after a direct update it scores like the updated policy. vLLM's
+    process groups share one gloo device, so one gloo event-loop thread polls (13 without it)."""
     import json
     import os
     import subprocess
@@ -189,7 +191,7 @@ def test_in_process_engine_samples_like_worker_processes(engine, tiny_model_path
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert got["children"] == [] and got["threads"] == 1
+    assert got["children"] == [] and got["threads"] == 1 and got["gloo_loops"] == 1
     ref = [c for g in engine.generate([[1, 40, 41], [1, 50]], n=2, max_new_tokens=6, seed=3) for c in g]
     assert got["tokens"] == [c.token_ids for c in ref]
     # Same seeds, same weights: the same tokens; log-probs agree to fp32 rounding (the two layouts

@@ -285,11 +285,14 @@ def test_shared_channel_leaves_no_file_once_every_member_mapped_it():
     spec = dict(transport="ipc", host="127.0.0.1", port=port, world_size=3, timeout_s=30, handle=staging.handle)
 
     def body(ch):
-        assert not os.path.exists(staging.handle["path"])
         if ch.rank == 0:
+            assert not os.path.exists(staging.handle["path"])  # removed in its join, after the mapping barrier
             ch.send_stream(buckets, (named for _ in buckets))
             return ch.send_stream(buckets, (named for _ in buckets))["buckets"]  # and every sync after
+        # A receiver leaves that barrier possibly before the sender removed the name; the sender
+        # removes it before it stages anything, so it is gone once a bucket has arrived.
         ch.receive(buckets)
+        assert not os.path.exists(staging.handle["path"])
         return {n: t.clone() for n, t in ch.receive(buckets)}
 
     res = _run_members(3, lambda rank: join_channel(spec, rank, "127.0.0.1", store=store if rank == 0 else None,
