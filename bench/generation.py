@@ -109,11 +109,12 @@ def start(variant: str, model: str, data: str) -> subprocess.Popen:
     return proc
 
 
-def read_json(proc: subprocess.Popen, variant: str) -> dict:
+def read_json(proc: subprocess.Popen, what: str) -> dict:
+    """The next JSON line a child process prints (other lines skipped); `what` names it if it exits."""
     while True:
         line = proc.stdout.readline()
         if not line:
-            raise RuntimeError(f"variant {variant!r} exited with code {proc.wait()} (its stderr is above)")
+            raise RuntimeError(f"{what} exited with code {proc.wait()} (its stderr is above)")
         if line.startswith("{"):
             return json.loads(line)
 
@@ -137,14 +138,14 @@ def main(argv: list[str] | None = None) -> int:
     calls: dict[str, list[dict]] = {v: [] for v in variants}
     try:
         for v, p in procs.items():
-            read_json(p, v)
+            read_json(p, f"variant {v!r}")
         load_before = load_averages()
         for r in range(args.rounds):
             for v, p in procs.items():
                 time.sleep(1.5)
                 p.stdin.write(f"gen {1000 + r}\n")
                 p.stdin.flush()
-                calls[v].append(read_json(p, v))
+                calls[v].append(read_json(p, f"variant {v!r}"))
                 print(f"round {r}: {v} {calls[v][-1]['seconds']:.2f} s, {calls[v][-1]['tokens']} tokens, "
                       f"load {load_averages()[0]}", file=sys.stderr, flush=True)
         load_after = load_averages()

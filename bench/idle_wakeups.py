@@ -37,9 +37,11 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from bench.generation import read_json  # noqa: E402
 from bench.vs_trl import POINTS, check_warmup, load_averages, model_and_data, prime_config  # noqa: E402
 
 POINT = "small"
+UPDATE = "the update process"
 
 
 def switches() -> dict[tuple[int, str, str], int]:
@@ -101,21 +103,12 @@ def serve(model: str, data: str) -> int:
     return 0
 
 
-def read_json(proc: subprocess.Popen) -> dict:
-    while True:
-        line = proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"the update process exited with code {proc.wait()} (its stderr is above)")
-        if line.startswith("{"):
-            return json.loads(line)
-
-
 def phase(proc: subprocess.Popen, name: str, calls: int) -> dict:
     got = []
     for i in range(calls):
         proc.stdin.write("update\n")
         proc.stdin.flush()
-        got.append(read_json(proc))
+        got.append(read_json(proc, UPDATE))
         print(f"{name} call {i}: {got[-1]['seconds']:.2f} s, preempted {got[-1]['preempted']}, "
               f"load {load_averages()[0]}", file=sys.stderr, flush=True)
     return {"phase": name, "seconds": statistics.median(c["seconds"] for c in got[1:]),
@@ -144,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
     phases = []
     try:
-        read_json(proc)
+        read_json(proc, UPDATE)
         phases.append(phase(proc, "alone, before the job", args.calls))
         from launch.setup import start_job
         from launch.train import train_step
