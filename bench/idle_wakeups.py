@@ -17,7 +17,7 @@ call (preemptions) in each phase, each median over the phase's calls after the f
 
 Two sources dominated before prime changed them: each gloo process group runs an event-loop thread
 that wakes every 10 ms (vLLM's in-process engine made 13 of them, a one-rank trainer 2;
-`one_gloo_device` in prime/train/engine.py), and Ray's prestarted idle workers (turned off in workers/group.py).
+`one_gloo_device` in prime/rollout/gloo.py), and Ray's prestarted idle workers (turned off in workers/group.py).
 What remains: every Ray worker's main thread checks for signals every 10 ms while it waits for a
 call, the weight sync's gloo group, and Ray's raylet, GCS and agents.
 """

@@ -36,8 +36,8 @@ from collections.abc import Iterable
 import torch
 
 from prime.rollout.base import FINISH_REASONS, Completion, check_sampling_args, check_score_args
+from prime.rollout.gloo import one_gloo_device
 from prime.rollout.vllm_ext import EXTENSION, keep_cpu_linear_weights
-from prime.train.engine import one_gloo_device
 
 logger = logging.getLogger(__name__)
 
@@ -159,7 +159,7 @@ class VLLMEngine:
         # In process, the model loads here: its CPU linear layers keep their plain weights, so a
         # weight update writes into them and repacks (the "direct" path of prime/rollout/vllm_ext.py).
         # In process, vLLM's single-rank process groups also share one gloo device (one polling
-        # thread instead of 13; `prime.train.engine.one_gloo_device`).
+        # thread instead of 13; `prime.rollout.gloo.one_gloo_device`).
         with contextlib.ExitStack() as scope:
             if in_process:
                 scope.enter_context(keep_cpu_linear_weights())

@@ -1,4 +1,4 @@
-"""`prime.train.engine.one_gloo_device`: process groups made inside it share one gloo device, so
+"""`prime.rollout.gloo.one_gloo_device`: process groups made inside it share one gloo device, so
 one event-loop thread polls for all of them, and they still communicate."""
 
 import json
@@ -9,7 +9,7 @@ import sys
 _SCRIPT = r"""
 import json, os, socket, torch, torch.distributed as dist
 from torch.distributed import distributed_c10d as c10d
-from prime.train.engine import one_gloo_device
+from prime.rollout.gloo import one_gloo_device
 
 def loops():
     return sum(open(f"/proc/self/task/{t}/comm").read().strip() == "gloo_tcp_loop" for t in os.listdir("/proc/self/task"))
