@@ -44,8 +44,8 @@ POINT = "small"
 UPDATE = "the update process"
 
 
-def switches() -> dict[tuple[int, str, str], int]:
-    """Context switches so far of every thread on the machine: {(pid, process, thread): count}."""
+def switches() -> dict[tuple[int, str, int, str], int]:
+    """Context switches so far of every thread on the machine: {(pid, process, tid, thread name): count}."""
     out = {}
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
@@ -57,7 +57,7 @@ def switches() -> dict[tuple[int, str, str], int]:
                 comm = open(f"/proc/{pid}/task/{tid}/comm").read().strip()
                 n = sum(int(line.split()[1]) for line in open(f"/proc/{pid}/task/{tid}/status")
                         if "ctxt_switches" in line)
-                out[(int(pid), name or comm, f"{comm}:{tid}")] = n
+                out[(int(pid), name or comm, int(tid), comm)] = n
         except (OSError, ValueError):  # the process or thread ended meanwhile
             continue
     return out
@@ -68,12 +68,14 @@ def wakeups(seconds: float) -> list[dict]:
     before = switches()
     time.sleep(seconds)
     after = switches()
-    procs: dict[tuple[int, str], dict[str, float]] = collections.defaultdict(dict)
-    for key, n in after.items():
-        if key in before and n > before[key]:
-            procs[key[:2]][key[2].split(":")[0]] = procs[key[:2]].get(key[2].split(":")[0], 0) + (n - before[key]) / seconds
+    procs: dict[tuple[int, str], collections.Counter] = collections.defaultdict(collections.Counter)
+    for key, n in after.items():  # threads of one name summed
+        pid, name, _, comm = key
+        woke = n - before.get(key, n)
+        if woke > 0:
+            procs[pid, name][comm] += woke / seconds
     rows = [{"pid": pid, "process": name, "per_s": sum(th.values()),
-             "threads": sorted(th.items(), key=lambda kv: -kv[1])[:4]} for (pid, name), th in procs.items()]
+             "threads": th.most_common(4)} for (pid, name), th in procs.items()]
     return sorted(rows, key=lambda r: -r["per_s"])
 
 
@@ -82,13 +84,9 @@ def serve(model: str, data: str) -> int:
     import torch
 
     torch.set_num_threads(2)
-    from bench.update_vs_torch import point_batch
-    from launch.roles import policy_args
-    from prime.train.trainer import Trainer
+    from bench.update_vs_torch import point_batch, point_trainer
 
-    cfg = prime_config(POINT, model, data, 10, os.path.join(ROOT, "runs", "idle_wakeups"), [])
-    loss, settings, kwargs = policy_args(cfg, total_optimizer_steps=1000)
-    trainer = Trainer(model, loss, settings, **kwargs)
+    trainer, _ = point_trainer(POINT, model, data, os.path.join(ROOT, "runs", "idle_wakeups"), 1000)
     batch = point_batch(POINT, model, data)
     print(json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:

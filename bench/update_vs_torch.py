@@ -79,17 +79,22 @@ def torch_step(model, opt, batch, grad_clip: float = 1.0) -> None:
     opt.zero_grad(set_to_none=True)
 
 
+def point_trainer(point: str, model_path: str, data: str, output_dir: str, total_optimizer_steps: int = 10):
+    """prime's policy trainer as the point's policy actor builds it, and its engine settings."""
+    from launch.roles import policy_args
+    from prime.train.trainer import Trainer
+
+    cfg = prime_config(point, model_path, data, 10, os.path.join(output_dir, "runs"), [])
+    loss, settings, kwargs = policy_args(cfg, total_optimizer_steps=total_optimizer_steps)
+    return Trainer(model_path, loss, settings, **kwargs), settings
+
+
 def run_point(point: str, calls: int, output_dir: str) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from launch.roles import policy_args
-    from prime.train.trainer import Trainer
-
     model_path, data = model_and_data(point, output_dir)
-    cfg = prime_config(point, model_path, data, 10, os.path.join(output_dir, "runs"), [])
-    loss, settings, kwargs = policy_args(cfg, total_optimizer_steps=10)
-    trainer = Trainer(model_path, loss, settings, **kwargs)
+    trainer, settings = point_trainer(point, model_path, data, output_dir)
     plain = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
     plain.train()
     opt = torch.optim.AdamW(plain.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)

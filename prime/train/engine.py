@@ -81,13 +81,16 @@ def _import_deepspeed():
     return deepspeed
 
 
-def _single_rank_gloo() -> contextlib.AbstractContextManager:
-    """`one_gloo_device()` for a one-process gloo world, else nothing."""
+def _one_device_if_alone(world: int, backend: str) -> contextlib.AbstractContextManager:
+    """`one_gloo_device()` for a one-process gloo world (every group it makes has one rank), else nothing."""
+    return one_gloo_device() if backend == "gloo" and world == 1 else contextlib.nullcontext()
+
+
+def _engine_groups() -> contextlib.AbstractContextManager:
+    """`_one_device_if_alone` of the initialised world, around `deepspeed.initialize` (which makes groups)."""
     import torch.distributed as dist
 
-    single = (dist.is_available() and dist.is_initialized() and dist.get_world_size() == 1
-              and dist.get_backend() == "gloo")
-    return one_gloo_device() if single else contextlib.nullcontext()
+    return _one_device_if_alone(world_size(), dist.get_backend())
 
 
 def ensure_distributed() -> None:
@@ -112,8 +115,7 @@ def ensure_distributed() -> None:
         # Keep gloo's connections on the loopback device (it otherwise picks the hostname's address).
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     backend = "nccl" if torch.cuda.is_available() else "gloo"
-    alone = backend == "gloo" and os.environ["WORLD_SIZE"] == "1"
-    with one_gloo_device() if alone else contextlib.nullcontext():
+    with _one_device_if_alone(int(os.environ["WORLD_SIZE"]), backend):
         deepspeed.init_distributed(dist_backend=backend)
 
 
@@ -257,7 +259,7 @@ def build_engine(model: torch.nn.Module, settings: EngineSettings):
         return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
     params = [p for p in model.parameters() if p.requires_grad]
-    with _single_rank_gloo():  # DeepSpeed makes its groups here
+    with _engine_groups():
         engine, _, _, _ = deepspeed.initialize(
             model=model, model_parameters=params, config=ds_config(s), lr_scheduler=make_scheduler
         )
@@ -282,7 +284,7 @@ def build_frozen_engine(model: torch.nn.Module, config: dict):
     ensure_distributed()
     deepspeed = _import_deepspeed()
     model.requires_grad_(False)
-    with _single_rank_gloo():
+    with _engine_groups():
         engine, _, _, _ = deepspeed.initialize(model=model, config=config)
     engine.eval()
     return engine
