@@ -132,6 +132,20 @@ def engine_env(cfg: Config) -> dict[str, str]:
     return {}
 
 
+TRAINER_HEAP_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 48)}
+"""glibc malloc settings, read when a process starts: no block gets its own mapping (every
+allocation comes from the heap), and the heap is never trimmed (a free top under 256 TiB stays)."""
+
+
+def trainer_env(cfg: Config) -> dict[str, str]:
+    """What each trainer actor (policy, PRM, reference) adds to `launch.setup.library_env`: with
+    trainer.device=cpu and cluster.trainer_heap=keep, `TRAINER_HEAP_ENV`, so that freed activations
+    stay in the process for the next pass (see `ClusterConfig.trainer_heap`)."""
+    if cfg.trainer.device == "cpu" and cfg.cluster.trainer_heap == "keep":
+        return dict(TRAINER_HEAP_ENV)
+    return {}
+
+
 def reserve(cfg: Config, layout: Layout) -> dict[str, Any]:
     """The layout's placement groups, by name, each bundle pinned to the Ray node matched to its planned
     node; all or none (what was reserved is released when one group fails)."""
@@ -173,16 +187,16 @@ def build_roles(cfg: Config, model_path: str, prm_path: str, total_optimizer_ste
     if cfg.rollout.enable_sleep_mode:
         starts = rollout.call(lambda a, r: a.ready.remote())
         rollout.call(lambda a, r: a.sleep.remote(cfg.rollout.sleep_level))
-    policy = _group(PolicyWorker, "policy", layout, pgs)
+    policy = _group(PolicyWorker, "policy", layout, pgs, env=trainer_env(cfg))
     loss, settings, kwargs = policy_args(cfg, total_optimizer_steps)
     policy.call(lambda a, r: a.build.remote(model_path, loss, settings, kwargs))
     prm = None
     if "prm" in layout.actors:
-        prm = _group(PRMWorker, "prm", layout, pgs)
+        prm = _group(PRMWorker, "prm", layout, pgs, env=trainer_env(cfg))
         prm.call(lambda a, r: a.build.remote(prm_path, prm_args(cfg)))
     reference = None
     if "reference" in layout.actors:
-        reference = _group(ReferenceWorker, "reference", layout, pgs, kwargs=dict(
+        reference = _group(ReferenceWorker, "reference", layout, pgs, env=trainer_env(cfg), kwargs=dict(
             model_path=model_path, dtype=cfg.model.dtype,
             max_tokens_per_micro_batch=cfg.actor.max_tokens_per_micro_batch, temperature=cfg.rollout.temperature,
             trust_remote_code=cfg.model.trust_remote_code, padding_free=cfg.actor.padding_free))

@@ -427,6 +427,16 @@ class ClusterConfig:
     weight_sync_bucket_mb: int = 256
     """Bucket size of the streaming weight sync (broadcast, ipc), MiB: each sender and receiver
     holds about one or two buckets beyond its weights (docs/gpu_memory.md)."""
+    trainer_heap: Literal["keep", "release"] = "keep"
+    """With trainer.device=cpu, what the trainer actors (policy, PRM, reference) do with the host
+    memory their passes free. `keep`: glibc's malloc serves every allocation from the heap and never
+    hands freed memory back (`launch.roles.trainer_env`), so each update reuses the pages the last one
+    touched and a process stays at its peak resident size. `release`: glibc's defaults, which map
+    every block over 32 MiB (an activation of a few thousand tokens) afresh and unmap it when freed,
+    so every update faults all of its activations in again, and in a virtual machine that hands freed
+    pages back to its host each such fault is slow: on a 2-core VM the `small` point's update paid
+    about 5 s of CPU in the kernel per step with `release` and 0.3 s with `keep`. No effect on GPUs,
+    where activations live in torch's CUDA caching allocator, or without glibc."""
     offload_trainers: bool = False
     """Move the policy's and the PRM's states (weights, gradients, optimizer) to host memory while
     the engines generate, back on the next update (colocated GPUs; needs ZeRO stage >= 1)."""
