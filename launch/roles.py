@@ -187,16 +187,17 @@ def build_roles(cfg: Config, model_path: str, prm_path: str, total_optimizer_ste
     if cfg.rollout.enable_sleep_mode:
         starts = rollout.call(lambda a, r: a.ready.remote())
         rollout.call(lambda a, r: a.sleep.remote(cfg.rollout.sleep_level))
-    policy = _group(PolicyWorker, "policy", layout, pgs, env=trainer_env(cfg))
+    trainer_vars = trainer_env(cfg)  # the same for every trainer role
+    policy = _group(PolicyWorker, "policy", layout, pgs, env=trainer_vars)
     loss, settings, kwargs = policy_args(cfg, total_optimizer_steps)
     policy.call(lambda a, r: a.build.remote(model_path, loss, settings, kwargs))
     prm = None
     if "prm" in layout.actors:
-        prm = _group(PRMWorker, "prm", layout, pgs, env=trainer_env(cfg))
+        prm = _group(PRMWorker, "prm", layout, pgs, env=trainer_vars)
         prm.call(lambda a, r: a.build.remote(prm_path, prm_args(cfg)))
     reference = None
     if "reference" in layout.actors:
-        reference = _group(ReferenceWorker, "reference", layout, pgs, env=trainer_env(cfg), kwargs=dict(
+        reference = _group(ReferenceWorker, "reference", layout, pgs, env=trainer_vars, kwargs=dict(
             model_path=model_path, dtype=cfg.model.dtype,
             max_tokens_per_micro_batch=cfg.actor.max_tokens_per_micro_batch, temperature=cfg.rollout.temperature,
             trust_remote_code=cfg.model.trust_remote_code, padding_free=cfg.actor.padding_free))
