@@ -52,6 +52,37 @@ def timed(fn, repeats: int) -> tuple[float, float]:
     return min(xs), statistics.median(xs)
 
 
+def linear_shapes(config: dict) -> list[tuple[int, int]]:
+    """(in, out) of every linear layer of a decoder-only HF config (`config.json` as a dict), in the
+    fused layout (qkv, o, gate_up, down per layer, the head last): what `LINEARS` is for the small preset."""
+    hidden, heads = config["hidden_size"], config["num_attention_heads"]
+    head_dim = config.get("head_dim") or hidden // heads
+    q, kv = heads * head_dim, config.get("num_key_value_heads", heads) * head_dim
+    mlp = config["intermediate_size"]
+    layer = [(hidden, q + 2 * kv), (q, hidden), (hidden, 2 * mlp), (mlp, hidden)]
+    return layer * config["num_hidden_layers"] + [(hidden, config["vocab_size"])]
+
+
+def train_linears(tokens: int, shapes: list[tuple[int, int]], repeats: int,
+                  generator: torch.Generator | None = None) -> tuple[float, float, float]:
+    """(best s, median s, FLOPs) of every linear layer's forward and both backward multiplies (input
+    and weight gradients) over `tokens` packed rows: an update's forward + backward without
+    attention, norms, the loss or the optimizer. fp32, on torch's current threads."""
+    g = generator if generator is not None else torch.Generator().manual_seed(0)
+    weights = [torch.randn(n, k, generator=g) for k, n in shapes]
+    xs = {k: torch.randn(tokens, k, generator=g) for k, _ in shapes}
+    gys = {n: torch.randn(tokens, n, generator=g) for _, n in shapes}
+
+    def train():
+        for (k, n), w in zip(shapes, weights):
+            torch.nn.functional.linear(xs[k], w)  # forward [N, n]
+            gys[n] @ w  # input gradient [N, k]
+            gys[n].t() @ xs[k]  # weight gradient [n, k]
+
+    best, med = timed(train, repeats)
+    return best, med, float(sum(6 * tokens * k * n for k, n in shapes))
+
+
 def onednn_linear(w: torch.Tensor):
     """`x -> x @ w.T` on the kernel vLLM's CPU backend uses for fp32 linear layers: a oneDNN matmul
     whose weight was reordered once, at load, into the layout the kernel reads (`create_onednn_mm`,
@@ -117,17 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append((f"decode linears, oneDNN prepacked (64 rows, {args.decode_steps} steps)", best, med,
                      f"{64 * args.decode_steps / best:.0f} tok/s, {flops / best / 1e9:.0f} GFLOP/s"))
 
-    xs = {k: torch.randn(args.tokens, k, generator=g) for k, _ in LINEARS}
-    gys = {n: torch.randn(args.tokens, n, generator=g) for _, n in LINEARS}
-
-    def train():
-        for (k, n), w in zip(LINEARS, weights):
-            torch.nn.functional.linear(xs[k], w)  # forward [N, n]
-            gys[n] @ w  # input gradient [N, k]
-            gys[n].t() @ xs[k]  # weight gradient [n, k]
-
-    best, med = timed(train, args.repeats)
-    flops = sum(6 * args.tokens * k * n for k, n in LINEARS)
+    best, med, flops = train_linears(args.tokens, LINEARS, args.repeats, g)
     rows.append((f"train linears ({args.tokens} rows)", best, med,
                  f"{flops / 1e12:.2f} TFLOP, {flops / best / 1e9:.0f} GFLOP/s"))
 

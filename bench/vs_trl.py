@@ -35,6 +35,14 @@ rollout tokens/s and its overhead (step wall time minus the actors' compute), th
 `rollout/logprob_gap` over the steps that check the weight sync (`rollout.logprob_check_every`: the
 first and every 10th; it shows the engines sampled from the trainer's weights) and the load
 averages before and after. A markdown table sums it up.
+
+"update limit" is the machine's limit for the policy update of the point, measured in this process
+right after the point (TRL done, prime's actors shut down): every linear layer of the model folder
+(`bench/limits.py`, `train_linears`: forward and both backward multiplies, fp32, on the policy's
+thread count) over the median step's packed tokens (`batch/tokens`), best of `--limit-repeats`.
+"update / limit" divides the policy actor's own update seconds (`compute/update_policy`, the median
+step) by it: what attention, norms, the loss, the optimizer and the step's other processes add to
+the bare multiplies.
 """
 
 from __future__ import annotations
@@ -178,7 +186,22 @@ def actor_code(job) -> str:
     return ray.get(job.roles.policy.actors[0].__ray_call__.remote(lambda self: __import__("prime").__file__))
 
 
-def run_point(point: str, steps: int, output_dir: str, extra: list[str], variant: str) -> dict:
+def update_limit(model: str, tokens: int, repeats: int) -> float:
+    """The best seconds of the model's linear layers, forward and backward, over `tokens` packed rows
+    (`bench.limits.train_linears`), on as many torch threads as a local CPU policy actor uses
+    (`launch.setup.library_env`: every core)."""
+    from bench.limits import linear_shapes, train_linears
+    from prime.train.sft import torch_threads
+
+    with open(os.path.join(model, "config.json")) as f:
+        config = json.load(f)
+    with torch_threads(os.cpu_count() or 1):
+        best, _, _ = train_linears(tokens, linear_shapes(config), repeats)
+    return best
+
+
+def run_point(point: str, steps: int, output_dir: str, extra: list[str], variant: str,
+              limit_repeats: int = 3) -> dict:
     from launch.setup import start_job
     from launch.train import train_step
 
@@ -201,7 +224,11 @@ def run_point(point: str, steps: int, output_dir: str, extra: list[str], variant
         trainer.train()
     finally:
         job.shutdown()
-    return summarize(point, cb, prime_metrics, load_before) | {"variant": variant}
+    row = summarize(point, cb, prime_metrics, load_before) | {"variant": variant}
+    if limit_repeats > 0:
+        row["update_limit"] = update_limit(model, round(row["batch_tokens"]), limit_repeats)
+        row["update_vs_limit"] = row["update_compute"] / row["update_limit"]
+    return row
 
 
 def summarize(point: str, cb, prime_metrics: list[dict[str, float]], load_before: list[float]) -> dict:
@@ -218,6 +245,7 @@ def summarize(point: str, cb, prime_metrics: list[dict[str, float]], load_before
     for s in STAGES:
         row[s] = med(f"timing/{s}")
     row["update_compute"] = med("compute/update_policy")
+    row["batch_tokens"] = med("batch/tokens")
     # The weight-sync check on the steps that log it (rollout.logprob_check_every): the engines sampled
     # from the weights the trainer scored with, so the timed run was also a correct one.
     gaps = [m["rollout/logprob_gap"] for m in prime_metrics if "rollout/logprob_gap" in m]
@@ -228,13 +256,15 @@ def summarize(point: str, cb, prime_metrics: list[dict[str, float]], load_before
 
 def markdown(rows: list[dict]) -> str:
     head = ["point", "prime variant", "TRL step s", "prime step s", "prime/TRL", "TRL gen tok/step", "prime gen tok/step",
-            *(f"{s} s" for s in STAGES), "prime roll tok/s", "overhead s (%)", "logprob gap (steps)",
+            *(f"{s} s" for s in STAGES), "update limit s (tokens)", "update / limit", "prime roll tok/s",
+            "overhead s (%)", "logprob gap (steps)",
             "load 1/5/15 before -> after"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["point"], r["variant"], f"{r['trl_step']:.2f}", f"{r['prime_step']:.2f}", f"{r['ratio']:.2f}x",
                  f"{r['trl_tokens']:.0f}", f"{r['prime_tokens']:.0f}", *(f"{r[s]:.2f}" for s in STAGES),
-                 f"{r['rollout_tok_s']:.0f}", f"{r['overhead']:.3f} ({r['overhead_pct']:.1f}%)",
+                 f"{r.get('update_limit', float('nan')):.2f} ({r['batch_tokens']:.0f})",
+                 f"{r.get('update_vs_limit', float('nan')):.2f}x", f"{r['rollout_tok_s']:.0f}", f"{r['overhead']:.3f} ({r['overhead_pct']:.1f}%)",
                  f"{r['logprob_gap']:.1e} ({r['logprob_gap_steps']})", f"{r['load_before']} -> {r['load_after']}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -253,6 +283,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="override (repeatable) giving a baseline variant of prime, run at every point before "
                              "the default one, each against its own interleaved TRL run; e.g. "
                              "actor.old_logprob_pass=always")
+    parser.add_argument("--limit-repeats", type=int, default=3,
+                        help="timings of the update limit per point, the best is kept (0: skip it)")
     args = parser.parse_args(argv)
     points = choices(parser, "--points", args.points, POINTS)
     check_warmup(parser, "--steps", args.steps)
@@ -268,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
         variants = ([("baseline: " + " ".join(args.baseline), args.prime_override + args.baseline)]
                     if args.baseline else []) + [("default", args.prime_override)]
         for name, overrides in variants:
-            rows.append(run_point(p, args.steps, args.output_dir, overrides, name))
+            rows.append(run_point(p, args.steps, args.output_dir, overrides, name, args.limit_repeats))
     print(f"median step seconds after the first of {args.steps} steps; sides interleaved step by step; "
           f"prime overrides: {args.prime_override or 'none'}")
     print(markdown(rows))

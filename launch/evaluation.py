@@ -20,7 +20,7 @@ import ray
 import torch
 
 from launch.faults import Recovery
-from launch.stages import generate, verify
+from launch.stages import gather_rows, generate, verify
 from prime.config import Config
 from prime.data.batch import pack_sequences
 from prime.eval.metrics import ranking_accuracy
@@ -59,10 +59,7 @@ class RemotePRMScorer:
     def _sharded(self, group: ActorGroup, verb: str, batch) -> torch.Tensor:
         parts = shard_groups(len(batch), 1, group.world_size)
         results = ray.get(group.call_async(lambda a, r: getattr(a, verb).remote(batch.select(parts[r]))))
-        out = torch.zeros(batch.response_mask.shape)  # [B, T]
-        for idx, (value, _) in zip(parts, results):
-            out[idx] = value
-        return out
+        return gather_rows(parts, [value for value, _ in results], batch.response_mask.shape)  # [B, T]
 
     def score(self, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> list[PRMScore]:
         # An empty response still gets one (masked) pad token so the layout stays valid.

@@ -351,11 +351,14 @@ def _shards(group: ActorGroup, batch: Batch, k: int) -> list[list[int]]:
     return shard_groups(len(batch), k, group.world_size)
 
 
-def _gather_rows(parts: list[list[int]], values: list[torch.Tensor], shape: torch.Size) -> torch.Tensor:
-    out = torch.zeros(shape)
+def gather_rows(parts: list[list[int]], values: list[np.ndarray], shape: torch.Size) -> torch.Tensor:
+    """The ranks' [B_r, T] results (numpy, as the training verbs return them: `workers.training.wire`)
+    back into one [B, T] fp32 tensor; rank r's rows are `parts[r]`. Filled in numpy: arrays that come
+    out of Ray's object store are read-only, which torch cannot wrap without a copy."""
+    out = np.zeros(tuple(shape), dtype=np.float32)
     for idx, v in zip(parts, values):
         out[idx] = v
-    return out
+    return torch.from_numpy(out)
 
 
 def sharded_logprobs(group: ActorGroup, batch: Batch, k: int, timer: StageTimer, name: str) -> torch.Tensor:
@@ -364,7 +367,7 @@ def sharded_logprobs(group: ActorGroup, batch: Batch, k: int, timer: StageTimer,
     sub = batch.packed().replace(group_ids=batch.group_ids)
     results = ray.get(group.call_async(lambda a, r: a.logprobs.remote(sub.select(parts[r]))))
     timer.compute(name, max(sec for _, sec in results))
-    return _gather_rows(parts, [logp for logp, _ in results], batch.response_mask.shape)
+    return gather_rows(parts, [logp for logp, _ in results], batch.response_mask.shape)
 
 
 def prm_rewards(group: ActorGroup, batch: Batch, k: int, *, mode: str, ref_is_policy: bool,
@@ -379,7 +382,7 @@ def prm_rewards(group: ActorGroup, batch: Batch, k: int, *, mode: str, ref_is_po
                                  ref_logp=batch.old_logp if ref_is_policy else None)
     results = group.call(lambda a, r: a.update_and_rewards.remote(sub.select(parts[r]), mode))
     timer.compute("prm", max(sec for _, sec in results))
-    rewards = _gather_rows(parts, [r for (r, _), _ in results], batch.response_mask.shape)  # [B, T]
+    rewards = gather_rows(parts, [r for (r, _), _ in results], batch.response_mask.shape)  # [B, T]
     mask = batch.response_mask
     metrics = dict(results[0][0][1])
     metrics["prm/reward_mean"] = float((rewards * mask).sum() / mask.sum())
@@ -400,5 +403,5 @@ def policy_update(group: ActorGroup, batch: Batch, k: int, timer: StageTimer, on
     queued = then() if then is not None else None
     results = ray.get(refs)
     timer.compute("update_policy", max(sec for _, sec in results))
-    logp = _gather_rows(parts, [lp for (_, lp), _ in results], batch.response_mask.shape)  # [B, T]
+    logp = gather_rows(parts, [lp for (_, lp), _ in results], batch.response_mask.shape)  # [B, T]
     return dict(results[0][0][0]), logp, queued

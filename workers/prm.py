@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
+import numpy as np
 
 from prime.data.batch import Batch
 from workers import failpoints
-from workers.training import TrainingWorker, timed
+from workers.training import TrainingWorker, timed, wire
 
 
 class PRMWorker(TrainingWorker):
@@ -18,11 +18,12 @@ class PRMWorker(TrainingWorker):
         self.prm = build_implicit_prm(model_path, **prm_kwargs)
         self.trainer = self.prm.trainer
 
-    def update_and_rewards(self, batch: Batch, mode: str) -> tuple[tuple[torch.Tensor, dict[str, float]], float]:
+    def update_and_rewards(self, batch: Batch, mode: str) -> tuple[tuple[np.ndarray, dict[str, float]], float]:
         """(token rewards [B, T], metrics) of this rank's shard, the PRM updated per `mode`, and the seconds spent."""
         failpoints.reach("prm.update")
-        return timed(lambda: self.prm.update_and_rewards(batch, mode))
+        (rewards, metrics), seconds = timed(lambda: self.prm.update_and_rewards(batch, mode))
+        return (wire(rewards), metrics), seconds
 
-    def log_ratios(self, batch: Batch) -> tuple[torch.Tensor, float]:
+    def log_ratios(self, batch: Batch) -> tuple[np.ndarray, float]:
         """q [B, T] of this rank's shard under the current PRM (held-out scoring), and the seconds spent."""
-        return timed(lambda: self.prm.log_ratios(batch))
+        return timed(lambda: wire(self.prm.log_ratios(batch)))

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from prime.data.batch import Batch
 from prime.train.batching import make_micro_batches
 from prime.train.trainer import forward_rows
-from workers.training import timed
+from workers.training import timed, wire
 
 
 class ReferenceWorker:
@@ -32,9 +33,9 @@ class ReferenceWorker:
                                                       padding_free=self.padding_free).logp.float().cpu()
         return out
 
-    def logprobs(self, batch: Batch) -> tuple[torch.Tensor, float]:
+    def logprobs(self, batch: Batch) -> tuple[np.ndarray, float]:
         """Reference log-probs [B, T] and the seconds spent."""
-        return timed(lambda: self._logprobs(batch))
+        return timed(lambda: wire(self._logprobs(batch)))
 
     def shutdown(self) -> None:
         pass

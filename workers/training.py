@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+import numpy as np
 import torch
 
 from prime.data.batch import Batch
@@ -35,20 +36,28 @@ def timed(fn: Callable[[], T]) -> tuple[T, float]:
     return out, time.perf_counter() - t0
 
 
+def wire(rows: torch.Tensor) -> np.ndarray:
+    """A [B, T] result as it goes back to the driver: a numpy view of the CPU tensor. Ray pickles a
+    torch tensor through its storage object, which cost 0.5-1.2 ms more per call than the same
+    numpy array on a 2-core box (`bench/ray_latency.py`); `launch.stages.gather_rows` takes it back."""
+    return rows.detach().cpu().numpy()
+
+
 class TrainingWorker(RankedWorker):
     """One data-parallel rank of a trained role (its subclass sets `self.trainer` in `build`)."""
 
     trainer: Trainer
 
-    def logprobs(self, batch: Batch) -> tuple[torch.Tensor, float]:
+    def logprobs(self, batch: Batch) -> tuple[np.ndarray, float]:
         """No-grad log-probs [B, T] of this rank's shard under the current weights, and the seconds spent."""
-        return timed(lambda: self.trainer.logprobs(batch))
+        return timed(lambda: wire(self.trainer.logprobs(batch)))
 
-    def update(self, batch: Batch, on_policy: bool = False) -> tuple[tuple[dict[str, float], torch.Tensor], float]:
+    def update(self, batch: Batch, on_policy: bool = False) -> tuple[tuple[dict[str, float], np.ndarray], float]:
         """One update on this rank's shard: (metrics, the update's own log-probs [B, T]) and the seconds spent.
         `on_policy`: the shard has no old_logp; the single-pass update uses its own (`Trainer.update`)."""
         failpoints.reach(f"{type(self).__name__.removesuffix('Worker').lower()}.update")
-        return timed(lambda: self.trainer.update(batch, on_policy=on_policy))
+        (metrics, logp), seconds = timed(lambda: self.trainer.update(batch, on_policy=on_policy))
+        return (metrics, wire(logp)), seconds
 
     def save_checkpoint(self, path: str) -> None:
         self.trainer.save_checkpoint(path)

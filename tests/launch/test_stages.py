@@ -68,3 +68,17 @@ def test_grading_after_counts_only_what_follows_the_last_engine():
                {"verify/seconds": 0.1, "verify/started_at": 100.1}, {"verify/seconds": 0.4}]
     assert _grading_after(end, [0, 0, 1, 1], metrics) == pytest.approx(0.5)
     assert _grading_after(end, [0, 0], metrics[:2]) == pytest.approx(0.3)
+
+
+def test_gather_rows_puts_each_ranks_numpy_rows_back_in_place():
+    import numpy as np
+
+    from launch.stages import gather_rows
+
+    parts = [[0, 2], [1, 3]]  # rank 0 holds rows 0 and 2, rank 1 rows 1 and 3
+    values = [np.array([[1.0, 2.0], [5.0, 6.0]], dtype=np.float32), np.array([[3.0, 4.0], [7.0, 8.0]])]
+    for v in values:
+        v.flags.writeable = False  # as they come out of Ray's object store
+    out = gather_rows(parts, values, torch.Size([4, 2]))
+    assert out.dtype == torch.float32
+    assert torch.equal(out, torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0], [7.0, 8.0]]))

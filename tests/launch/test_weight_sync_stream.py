@@ -77,12 +77,12 @@ def _perturb(policy, seed: int) -> torch.Tensor:
     import ray
 
     batch = _batch()
-    logp, _ = ray.get(policy.actors[0].logprobs.remote(batch))
+    logp = torch.tensor(ray.get(policy.actors[0].logprobs.remote(batch))[0])
     gen = torch.Generator().manual_seed(seed)
     batch = batch.replace(old_logp=logp, advantages=torch.randn(logp.shape, generator=gen) * batch.response_mask)
     ray.get(policy.actors[0].update.remote(batch))
     new, _ = ray.get(policy.actors[0].logprobs.remote(_batch()))
-    return new
+    return torch.tensor(new)
 
 
 def _sizes(buckets) -> tuple[int, int, int, int]:

@@ -61,7 +61,7 @@ def engine_logprobs(rollout, prompts, responses):
 
 def policy_logprobs(policy, batch):
     (logp, _), = policy.call(lambda a, r: a.logprobs.remote(batch))
-    return logp
+    return torch.tensor(logp)  # the training verbs return numpy (workers.training.wire)
 
 
 def test_vllm_logprobs_follow_the_policy_after_weight_sync(actors):

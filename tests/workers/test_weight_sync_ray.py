@@ -56,7 +56,7 @@ def _policy_logp(policy) -> list[list[float]]:
 
     batch = _batch()
     logp, _ = ray.get(policy.actors[0].logprobs.remote(batch))
-    return unpack_response_logprobs(logp, batch.response_mask)
+    return unpack_response_logprobs(torch.tensor(logp), batch.response_mask)
 
 
 def _engine_logp(rollout) -> list[list[list[float]]]:
@@ -73,7 +73,7 @@ def _perturb(policy, seed: int, then=None):
     import ray
 
     batch = _batch()
-    logp, _ = ray.get(policy.actors[0].logprobs.remote(batch))
+    logp = torch.tensor(ray.get(policy.actors[0].logprobs.remote(batch))[0])
     gen = torch.Generator().manual_seed(seed)
     batch = batch.replace(old_logp=logp, advantages=torch.randn(logp.shape, generator=gen) * batch.response_mask)
     ref = policy.actors[0].update.remote(batch)
