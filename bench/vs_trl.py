@@ -201,7 +201,7 @@ def update_limit(model: str, tokens: int, repeats: int) -> float:
 
 
 def run_point(point: str, steps: int, output_dir: str, extra: list[str], variant: str,
-              limit_repeats: int = 3) -> dict:
+              limit_repeats: int = 5) -> dict:
     from launch.setup import start_job
     from launch.train import train_step
 
@@ -283,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="override (repeatable) giving a baseline variant of prime, run at every point before "
                              "the default one, each against its own interleaved TRL run; e.g. "
                              "actor.old_logprob_pass=always")
-    parser.add_argument("--limit-repeats", type=int, default=3,
+    parser.add_argument("--limit-repeats", type=int, default=5,
                         help="timings of the update limit per point, the best is kept (0: skip it)")
     args = parser.parse_args(argv)
     points = choices(parser, "--points", args.points, POINTS)
