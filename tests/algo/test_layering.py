@@ -1,9 +1,9 @@
 """Importing the light packages must not pull in ray, deepspeed or vllm."""
 
-import os
 import subprocess
 import sys
 from pathlib import Path
+from tests.subprocess_env import child_env
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -14,7 +14,7 @@ def test_light_imports_do_not_load_heavy_libraries():
         "heavy = [m for m in ('ray', 'deepspeed', 'vllm') if m in sys.modules]; "
         "assert not heavy, f'heavy modules imported: {heavy}'"
     )
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
+    env = child_env()
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO_ROOT, env=env
     )

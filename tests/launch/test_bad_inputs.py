@@ -10,7 +10,6 @@ the run folder it made.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from typing import Callable
 import pytest
 
 from launch.cli import main
+from tests.subprocess_env import child_env
 
 REPO = Path(__file__).resolve().parents[2]
 PRESET = str(REPO / "configs" / "tiny_cpu.yaml")
@@ -230,7 +230,7 @@ def test_read_only_output_folder(tmp_path, capsys):
 
 def test_a_real_process_exits_2_and_debug_shows_the_traceback(tmp_path):
     """The exit status of the process itself, and `--debug` (placed anywhere) adding the traceback."""
-    env = os.environ | {"PYTHONPATH": str(REPO)}
+    env = child_env()
     cmd = [sys.executable, "-m", "launch.cli", "train", PRESET, "rollout.n=abc", f"trainer.output_dir={tmp_path}"]
     plain = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     assert plain.returncode == 2 and plain.stderr.strip().count("\n") == 0, plain.stderr

@@ -13,6 +13,7 @@ import pytest
 
 from launch.preempt import Preemption, StepAbandoned
 from tests.launch.test_e2e import train_argv
+from tests.subprocess_env import child_env
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -77,7 +78,7 @@ def test_sigterm_checkpoints_exits_0_and_the_same_command_resumes(tmp_path, caps
 
     args = train_args(tmp_path)
     run_dir = tmp_path / "pre"
-    env = os.environ | {"PYTHONPATH": str(REPO)}
+    env = child_env()
     log = open(tmp_path / "driver.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "launch.cli", *args], cwd=REPO, env=env, stdout=log,
                             stderr=subprocess.STDOUT)

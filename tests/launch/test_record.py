@@ -14,6 +14,7 @@ import pytest
 
 from launch.logger import MetricsLogger, read_records
 from prime.train.checkpoint import remove_leftovers
+from tests.subprocess_env import child_env
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -91,7 +92,7 @@ def test_an_actor_writing_for_a_driver_killed_with_sigkill_stops(tmp_path):
     """Ray actors are owned by their driver (none is detached): when the driver dies, Ray kills them."""
     root = tmp_path / "checkpoints"
     folder = root / ".tmp-step_000003-4242"
-    env = os.environ | {"PYTHONPATH": str(REPO)}
+    env = child_env()
     driver = subprocess.Popen([sys.executable, "-c", DRIVER, str(folder)], env=env, cwd=REPO,
                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     actor = None

@@ -6,6 +6,7 @@ import os
 
 from launch.roles import engine_env
 from prime.config import build_config
+from tests.subprocess_env import child_env
 
 
 def test_local_cpu_engines_split_the_cores():
@@ -56,9 +57,7 @@ def _heap_rounds(env_extra: dict[str, str]) -> list[tuple[int, int, int]]:
     import subprocess
     import sys
 
-    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
-    env |= env_extra | {"OMP_NUM_THREADS": "1", "PYTHONPATH": repo + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env = child_env({k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}, OMP_NUM_THREADS="1", **env_extra)
     out = subprocess.run([sys.executable, "-c", HEAP_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     return [tuple(map(int, line.split())) for line in out.stdout.strip().splitlines()[-6:]]

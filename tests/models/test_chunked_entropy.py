@@ -3,7 +3,6 @@ with and without gradients, and need a fraction of the memory."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
@@ -11,8 +10,8 @@ import pytest
 import torch
 
 from prime.models.logprobs import token_logprobs
+from tests.subprocess_env import child_env
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MiB = 2**20
 
 
@@ -83,8 +82,7 @@ print(process_memory()["peak"] - start)
 
 
 def _peak_extra(chunk: str) -> int:
-    env = dict(os.environ, OMP_NUM_THREADS="1", MALLOC_MMAP_THRESHOLD_=str(128 * 1024),
-               PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = child_env(OMP_NUM_THREADS="1", MALLOC_MMAP_THRESHOLD_=str(128 * 1024))
     out = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, chunk], env=env, capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]

@@ -2,9 +2,10 @@
 one event-loop thread polls for all of them, and they still communicate."""
 
 import json
-import os
 import subprocess
 import sys
+
+from tests.subprocess_env import child_env
 
 _SCRIPT = r"""
 import json, os, socket, torch, torch.distributed as dist
@@ -32,8 +33,7 @@ dist.destroy_process_group()
 
 
 def test_groups_share_one_device_and_still_communicate():
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = child_env(GLOO_SOCKET_IFNAME="lo")
     proc = subprocess.run([sys.executable, "-c", _SCRIPT], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -10,10 +10,11 @@ import sys
 import pytest
 import torch
 
+from tests.subprocess_env import child_env
+
 pytestmark = pytest.mark.slow
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dp_worker.py")
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _free_port() -> int:
@@ -27,9 +28,8 @@ def _start(world: int, model_path: str, out_dir) -> list[tuple[subprocess.Popen,
     started = []
     for rank in range(world):
         out = str(out_dir / f"w{world}_r{rank}.pt")
-        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=port, OMP_NUM_THREADS="1",
-                   PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        env = child_env(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                        MASTER_PORT=port, OMP_NUM_THREADS="1")
         proc = subprocess.Popen([sys.executable, WORKER, model_path, out], env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         started.append((proc, out))

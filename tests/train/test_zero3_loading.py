@@ -21,10 +21,11 @@ import sys
 import pytest
 import torch
 
+from tests.subprocess_env import child_env
+
 pytestmark = pytest.mark.slow
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "build_pair_worker.py")
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MiB = 2**20
 SHAPE = dict(hidden_size=512, num_layers=8, num_heads=8, head_dim=64, num_kv_heads=2, intermediate_size=2048,
              vocab="byte", seed=0)
@@ -41,10 +42,8 @@ def _run(world: int, model_path: str, warmup_path: str, out_dir) -> list[dict]:
     started = []
     for rank in range(world):
         out = str(out_dir / f"w{world}_r{rank}.pt")
-        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=port, OMP_NUM_THREADS="1",
-                   MALLOC_MMAP_THRESHOLD_=str(128 * 1024),
-                   PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        env = child_env(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                        MASTER_PORT=port, OMP_NUM_THREADS="1", MALLOC_MMAP_THRESHOLD_=str(128 * 1024))
         proc = subprocess.Popen([sys.executable, WORKER, model_path, warmup_path, out], env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         started.append((proc, out))
