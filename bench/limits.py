@@ -36,6 +36,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.vs_trl import load_averages  # noqa: E402
+from prime.models.memory import ModelShape  # noqa: E402
 
 HIDDEN, LAYERS, MLP, VOCAB, Q, KV = 512, 4, 2048, 512, 512, 128
 # (in, out) of each linear layer, vLLM's fused layout; the head last
@@ -52,15 +53,14 @@ def timed(fn, repeats: int) -> tuple[float, float]:
     return min(xs), statistics.median(xs)
 
 
-def linear_shapes(config: dict) -> list[tuple[int, int]]:
-    """(in, out) of every linear layer of a decoder-only HF config (`config.json` as a dict), in the
-    fused layout (qkv, o, gate_up, down per layer, the head last): what `LINEARS` is for the small preset."""
-    hidden, heads = config["hidden_size"], config["num_attention_heads"]
-    head_dim = config.get("head_dim") or hidden // heads
-    q, kv = heads * head_dim, config.get("num_key_value_heads", heads) * head_dim
-    mlp = config["intermediate_size"]
-    layer = [(hidden, q + 2 * kv), (q, hidden), (hidden, 2 * mlp), (mlp, hidden)]
-    return layer * config["num_hidden_layers"] + [(hidden, config["vocab_size"])]
+def linear_shapes(shape: ModelShape) -> list[tuple[int, int]]:
+    """(in, out) of every linear layer of a decoder (`prime.models.memory.ModelShape`, e.g. from
+    `resolve_shape(model_folder)`), in the fused layout (qkv, o, gate_up, down per layer, the head
+    last): what `LINEARS` is for the small preset."""
+    h, q, kv = shape.hidden_size, shape.num_heads * shape.head_width, shape.num_kv_heads * shape.head_width
+    mlp = shape.intermediate_size
+    layer = [(h, q + 2 * kv), (q, h), (h, 2 * mlp), (mlp, h)]
+    return layer * shape.num_layers + [(h, shape.vocab_size)]
 
 
 def train_linears(tokens: int, shapes: list[tuple[int, int]], repeats: int,

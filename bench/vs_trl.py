@@ -191,12 +191,12 @@ def update_limit(model: str, tokens: int, repeats: int) -> float:
     (`bench.limits.train_linears`), on as many torch threads as a local CPU policy actor uses
     (`launch.setup.library_env`: every core)."""
     from bench.limits import linear_shapes, train_linears
+    from prime.models.memory import resolve_shape
     from prime.train.sft import torch_threads
 
-    with open(os.path.join(model, "config.json")) as f:
-        config = json.load(f)
+    shape, _ = resolve_shape(model)
     with torch_threads(os.cpu_count() or 1):
-        best, _, _ = train_linears(tokens, linear_shapes(config), repeats)
+        best, _, _ = train_linears(tokens, linear_shapes(shape), repeats)
     return best
 
 
@@ -264,7 +264,8 @@ def markdown(rows: list[dict]) -> str:
         cells = [r["point"], r["variant"], f"{r['trl_step']:.2f}", f"{r['prime_step']:.2f}", f"{r['ratio']:.2f}x",
                  f"{r['trl_tokens']:.0f}", f"{r['prime_tokens']:.0f}", *(f"{r[s]:.2f}" for s in STAGES),
                  f"{r.get('update_limit', float('nan')):.2f} ({r['batch_tokens']:.0f})",
-                 f"{r.get('update_vs_limit', float('nan')):.2f}x", f"{r['rollout_tok_s']:.0f}", f"{r['overhead']:.3f} ({r['overhead_pct']:.1f}%)",
+                 f"{r.get('update_vs_limit', float('nan')):.2f}x", f"{r['rollout_tok_s']:.0f}",
+                 f"{r['overhead']:.3f} ({r['overhead_pct']:.1f}%)",
                  f"{r['logprob_gap']:.1e} ({r['logprob_gap_steps']})", f"{r['load_before']} -> {r['load_after']}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -3,6 +3,7 @@
 import subprocess
 import sys
 from pathlib import Path
+
 from tests.subprocess_env import child_env
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

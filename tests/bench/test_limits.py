@@ -20,14 +20,16 @@ def test_onednn_linear_matches_torch_linear():
 
 def test_linear_shapes_of_the_small_preset_are_the_fused_layout():
     from bench.limits import LINEARS, linear_shapes
+    from prime.models.memory import shape_from_hf_config
 
     small = {"hidden_size": 512, "num_attention_heads": 8, "head_dim": 64, "num_key_value_heads": 2,
              "intermediate_size": 2048, "num_hidden_layers": 4, "vocab_size": 512}
-    assert linear_shapes(small) == LINEARS
+    assert linear_shapes(shape_from_hf_config(small, "small")) == LINEARS
     # No head_dim and no key/value heads in the config: head_dim = hidden / heads, kv heads = heads.
     mha = {"hidden_size": 96, "num_attention_heads": 3, "intermediate_size": 256, "num_hidden_layers": 1,
            "vocab_size": 50}
-    assert linear_shapes(mha) == [(96, 96 + 2 * 96), (96, 96), (96, 512), (256, 96), (96, 50)]
+    assert linear_shapes(shape_from_hf_config(mha, "mha")) == [(96, 96 + 2 * 96), (96, 96), (96, 512), (256, 96),
+                                                                (96, 50)]
 
 
 def test_train_linears_counts_forward_and_both_backward_multiplies():
