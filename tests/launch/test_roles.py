@@ -83,3 +83,69 @@ def test_trainer_heap_env_keeps_freed_memory_for_the_next_pass():
     # glibc's defaults: a 128 MiB block is mapped on its own and unmapped when freed, every round.
     released = _heap_rounds({})
     assert all(after <= peak - 120 * MiB for _, peak, after in released), released
+
+
+def test_cpu_actors_get_the_configured_openmp_spin_count():
+    from launch.setup import DRIVER_KEEPS, library_env
+
+    def spin(*overrides: str) -> str | None:
+        return library_env(build_config({}, list(overrides))).get("GOMP_SPINCOUNT")
+
+    assert spin("trainer.device=cpu") == "10000"  # the default
+    assert spin("trainer.device=cpu", "cluster.omp_spincount=0") == "0"
+    assert spin("trainer.device=cpu", "cluster.omp_spincount=-1") is None  # libgomp's own default
+    assert spin("trainer.device=cuda") is None
+    assert "GOMP_SPINCOUNT" in DRIVER_KEEPS  # the driver's torch has loaded its OpenMP already
+
+
+def test_omp_spincount_below_minus_one_is_refused():
+    import pytest
+
+    with pytest.raises(ValueError, match=r"cluster.omp_spincount must be >= 0 \(spins\), or -1 .*got -2"):
+        build_config({}, ["cluster.omp_spincount=-2"])
+
+
+# 100 rounds of a 2-thread matmul followed by 2 ms asleep; prints how often the threads other than
+# the main one went to sleep (voluntary context switches) during them.
+SPIN_SCRIPT = """
+import os, time, torch
+x = torch.randn(256, 256)
+for _ in range(20):
+    x @ x
+def sleeps():
+    n = 0
+    for tid in os.listdir("/proc/self/task"):
+        if int(tid) != os.getpid():
+            with open(f"/proc/self/task/{tid}/status") as f:
+                n += next(int(line.split()[1]) for line in f if line.startswith("voluntary_ctxt_switches"))
+    return n
+s0 = sleeps()
+for _ in range(100):
+    x @ x
+    time.sleep(0.002)
+print(sleeps() - s0)
+"""
+
+
+def test_torch_openmp_threads_sleep_after_the_configured_spin_count():
+    """torch's OpenMP (libgomp) reads GOMP_SPINCOUNT, which `cluster.omp_spincount` sets: with 10,000
+    spins its second thread goes to sleep after each matmul (about 220 times in 100 rounds on a
+    2-core box), with 10^9 it spins through every 2 ms pause and never sleeps. Counting sleeps, not
+    time, keeps the test independent of the machine's speed and load."""
+    import subprocess
+    import sys
+
+    import pytest
+
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("needs two cores: one OpenMP thread has nobody to wait for")
+
+    def sleeps(spins: str) -> int:
+        env = child_env({k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"},
+                        OMP_NUM_THREADS="2", GOMP_SPINCOUNT=spins)
+        out = subprocess.run([sys.executable, "-c", SPIN_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        return int(out.stdout.strip().splitlines()[-1])
+
+    brief, endless = sleeps("10000"), sleeps(str(10**9))
+    assert brief >= 100 and endless <= 10, (brief, endless)  # at least once a round, against (almost) never
