@@ -445,7 +445,7 @@ class ClusterConfig:
     stage ends, its process's threads spin on the cores the next stage's process needs (after the
     update, the policy's threads spin while the engine loads the new weights). 10,000 spins still
     bridge the gaps between one operator and the next inside a pass, where sleeping at once
-    (OMP_WAIT_POLICY=PASSIVE) slowed the tiny point's update by a fifth (README, "Against TRL")."""
+    (OMP_WAIT_POLICY=PASSIVE) slowed the tiny point's update by about a quarter (README, "Against TRL")."""
     offload_trainers: bool = False
     """Move the policy's and the PRM's states (weights, gradients, optimizer) to host memory while
     the engines generate, back on the next update (colocated GPUs; needs ZeRO stage >= 1)."""
