@@ -8,12 +8,13 @@ import sys
 from tests.subprocess_env import child_env
 
 _SCRIPT = r"""
-import json, os, socket, torch, torch.distributed as dist
+import json, socket, torch, torch.distributed as dist
 from torch.distributed import distributed_c10d as c10d
 from prime.rollout.gloo import one_gloo_device
+from tests.proc_threads import threads_named
 
 def loops():
-    return sum(open(f"/proc/self/task/{t}/comm").read().strip() == "gloo_tcp_loop" for t in os.listdir("/proc/self/task"))
+    return threads_named("gloo_tcp_loop")
 
 s = socket.socket(); s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]; s.close()
 original = c10d.ProcessGroupGloo

@@ -13,6 +13,7 @@ from prime.data.batch import pack_sequences
 from prime.models.logprobs import response_logprobs, unpack_response_logprobs  # noqa: E402
 from prime.rollout.base import RolloutEngine  # noqa: E402
 from prime.rollout.hf import HFEngine  # noqa: E402
+from tests.subprocess_env import child_env  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -156,7 +157,8 @@ out = eng.generate([[1, 40, 41], [1, 50]], n=2, max_new_tokens=6, seed=3)
 me = str(os.getpid())
 children = [p for p in os.listdir("/proc") if p.isdigit()
             and open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()[1] == me]
-gloo_loops = sum(open(f"/proc/self/task/{t}/comm").read().strip() == "gloo_tcp_loop" for t in os.listdir("/proc/self/task"))
+from tests.proc_threads import threads_named
+gloo_loops = threads_named("gloo_tcp_loop")
 # A weight update on the direct path: every tensor perturbed, lm_head.weight left to load_weights.
 before = eng.score_logprobs(prompts, responses)
 policy = HFEngine(sys.argv[1])
@@ -182,11 +184,10 @@ def test_in_process_engine_samples_like_worker_processes(engine, tiny_model_path
     engine's vLLM's layerwise reload; after a direct update it scores like the updated policy. vLLM's
     process groups share one gloo device, so one gloo event-loop thread polls (13 without it)."""
     import json
-    import os
     import subprocess
     import sys
 
-    env = dict(os.environ, OMP_NUM_THREADS="2")
+    env = child_env(OMP_NUM_THREADS="2")
     proc = subprocess.run([sys.executable, "-c", _IN_PROCESS_SCRIPT, tiny_model_path, json.dumps([PROMPTS, RESPONSES])],
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
