@@ -20,6 +20,8 @@ from the driver's call to its return, into consecutive segments that add up to t
     to step end         the engines' answer back to the driver, until `train_step` returns
 
 The "to ..." segments are hand-offs between processes (plus the driver's own work in "to update").
+The job runs with `cluster.step_lanes=false`: over lanes (`workers/lane.py`) the step's verbs run
+inside one long Ray task per actor, which its task events cannot cut.
 It prints the median of each segment over the steps after the first, in milliseconds. `--trace`
 also writes Ray's timeline with one driver event per step, for chrome://tracing or Perfetto.
 """
@@ -91,7 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     from launch.train import train_step
 
     model, data = vs_trl.model_and_data(args.point, args.output_dir)
-    job = start_job(vs_trl.prime_config(args.point, model, data, args.steps, args.output_dir, []))
+    # Ray's task events see only Ray calls: the step's calls go as such, not over lanes.
+    job = start_job(vs_trl.prime_config(args.point, model, data, args.steps, args.output_dir,
+                                        ["cluster.step_lanes=false"]))
     steps = []
     try:
         for step in range(1, args.steps + 1):

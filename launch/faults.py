@@ -83,11 +83,11 @@ class Recovery:
                 tries[k] += 1
                 if tries[k] > self.max_restarts:
                     raise JobLost(f"{group.name} actor {i} died {tries[k]} times in one call: {lost_cause(e)}") from e
-                self._revive(group, i, e)
+                self.revive(group, i, e)
                 pending[k] = submit(group.actors[i])
         return [results[k] for k in range(len(calls))]
 
-    def _revive(self, group: ActorGroup, index: int, error: BaseException) -> None:
+    def revive(self, group: ActorGroup, index: int, error: BaseException) -> None:
         """Wait until Ray has restarted actor `index` of `group`, then let its role catch up."""
         log.warning("%s actor %d died (%s); waiting for its restart to send its share again",
                     group.name, index, lost_cause(error))

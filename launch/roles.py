@@ -56,6 +56,8 @@ class Roles:
     def shutdown(self, timeout_s: float = 60.0) -> None:
         """Stop every role: each actor's own clean-up (engines, grading pools) for up to `timeout_s`
         per group (a rank hung beside a dead peer does not answer), then kill the actors."""
+        for group in self.groups().values():  # Ray calls reach actors only once their lanes are closed
+            group.close_lanes(timeout_s=timeout_s)
         try:
             self.weight_sync.close()
         except Exception:  # a transport whose peers are already gone needs no clean close
@@ -205,5 +207,8 @@ def build_roles(cfg: Config, model_path: str, prm_path: str, total_optimizer_ste
         starts = rollout.call(lambda a, r: a.ready.remote())
     # After the trainer is built and the engines are up: the streaming plan needs both.
     weight_sync = make_weight_sync(weight_sync_kind(cfg), policy, rollout, cfg.cluster.weight_sync_bucket_mb)
+    for group in (rollout, verifier, policy, prm, reference):
+        if group is not None:
+            group.allow_lanes(cfg.cluster.step_lanes)
     return Roles(rollout=rollout, verifier=verifier, policy=policy, prm=prm, reference=reference,
                  engine_start_s=max(starts), weight_sync=weight_sync, placement_groups=list(pgs.values()))

@@ -8,6 +8,7 @@ framework's own overhead (`timing/overhead` = step wall time minus the actors' c
 from __future__ import annotations
 
 import math
+import selectors
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -22,9 +23,10 @@ from prime.algo import group_filter_stats, keep_groups
 from prime.data.batch import Batch, pack_sequences
 from prime.data.dataset import PromptDataset, PromptItem
 from prime.data.sampler import PromptSampler
-from launch.faults import Recovery, gather_dealt
+from launch.faults import LOST_ERRORS, Recovery, gather_dealt
 from prime.rollout.base import Completion
 from workers.group import ActorGroup, shard_groups
+from workers.lane import lane_results
 from workers.verifier import grading_items
 
 
@@ -175,6 +177,8 @@ def generate_and_verify(rollout: ActorGroup, verifier: ActorGroup, prompts: list
     With `recovery`, a dead engine's share is generated again (same seed) and then every share is
     graded anew from the driver; a dead verifier actor's share is graded again from the driver.
     """
+    if verifier.world_size <= rollout.world_size and rollout.lanes() is not None and verifier.lanes() is not None:
+        return _generate_and_verify_lanes(rollout, verifier, prompts, s, seed_of_engine, timer, recovery)
     if verifier.world_size > rollout.world_size:
         with timer("generate"):
             completions, seconds = generate(rollout, [p.prompt_ids for p in prompts], n=s.n,
@@ -210,6 +214,118 @@ def generate_and_verify(rollout: ActorGroup, verifier: ActorGroup, prompts: list
                for key in ("verify/timeouts", "verify/errors", "verify/items")}
     completions = undeal([r[0] for r in generated], len(prompts), rollout.world_size)
     return completions, undeal(per_share, len(prompts), rollout.world_size), metrics
+
+
+def _generate_and_verify_lanes(rollout: ActorGroup, verifier: ActorGroup, prompts: list[PromptItem], s: Sampling,
+                               seed_of_engine: Callable[[int], int | None], timer: StageTimer,
+                               recovery: Recovery | None) -> tuple[list[list[Completion]], list[list[float]],
+                                                                   dict[str, float]]:
+    """`generate_and_verify` over the groups' lanes (`workers/lane.py`): the engines' calls go out
+    together, and each engine's share goes to its verifier actor (i mod V) the moment it is back, so
+    a share is graded while slower engines still generate.
+
+    A lost actor is handled as on the Ray path: with `recovery`, a dead engine's share is generated
+    again by its restarted engine (same seed) and a dead verifier actor's shares are graded again;
+    shares already generated or graded are kept. Any error leaves the lanes closed."""
+    shares = deal(prompts, rollout.world_size)
+    active = [i for i, share in enumerate(shares) if share]
+    graders = verifier.lanes()
+    try:
+        with timer("generate"):
+            generated, sent_to, lost_graders = _lanes_generate(rollout, verifier, graders, prompts, s,
+                                                               seed_of_engine, recovery)
+            timer.compute("generate", max(generated[i][1] for i in active))
+        with timer("verify"):
+            graded = _lanes_grade(verifier, graders, shares, generated, sent_to, lost_graders, recovery)
+    except BaseException:
+        rollout.close_lanes()  # replies left unread would be taken for the next calls'
+        verifier.close_lanes()
+        raise
+    timer.compute("verify", _grading_after(max(generated[i][2] for i in active),
+                                           [i % verifier.world_size for i in active], [graded[i][1] for i in active]))
+    per_share = [_by_prompt([float(x) for x in graded[i][0]], len(shares[i]), s.n) for i in active]
+    metrics = {key: sum(float(graded[i][1][key]) for i in active)
+               for key in ("verify/timeouts", "verify/errors", "verify/items")}
+    completions = undeal([generated[i][0] for i in active], len(prompts), rollout.world_size)
+    return completions, undeal(per_share, len(prompts), rollout.world_size), metrics
+
+
+_Lost = list[tuple[ActorGroup, int, BaseException]]
+
+
+def _lanes_generate(rollout: ActorGroup, verifier: ActorGroup, graders: list, prompts: list[PromptItem],
+                    s: Sampling, seed_of_engine: Callable[[int], int | None],
+                    recovery: Recovery | None) -> tuple[dict[int, Any], dict[int, list[int]], _Lost]:
+    """Every engine's share generated (engine -> its result), which shares went to which verifier
+    actor's lane (`graders`, in order), and the verifier actors found dead on the way."""
+    engines, shares = rollout.lanes(), deal(prompts, rollout.world_size)
+    active = [i for i, share in enumerate(shares) if share]
+    generated: dict[int, Any] = {}
+    sent_to: dict[int, list[int]] = {}
+    lost_engines: _Lost = []
+    lost_graders: _Lost = []
+    for i in active:
+        engines[i].submit("generate", [p.prompt_ids for p in shares[i]], s.n, s.max_new_tokens, s.temperature,
+                          s.top_p, seed_of_engine(i), s.logprobs)
+    with selectors.DefaultSelector() as waiting:
+        for i in active:
+            waiting.register(engines[i], selectors.EVENT_READ, i)
+        while waiting.get_map():
+            for key, _ in waiting.select():
+                i = key.data
+                waiting.unregister(engines[i])
+                try:
+                    generated[i] = engines[i].result()
+                except LOST_ERRORS as e:
+                    lost_engines.append((rollout, i, e))
+                    continue
+                v = i % verifier.world_size
+                if graders[v].broken:
+                    continue
+                try:
+                    graders[v].submit("score_generated", generated[i], [_grading_fields(p) for p in shares[i]])
+                except LOST_ERRORS as e:
+                    lost_graders.append((verifier, v, e))
+                    continue
+                sent_to.setdefault(v, []).append(i)
+    again = [i for i in active if i not in generated]
+    if again:  # through Ray, with its recovery, once the lost engines are back
+        _revive_all(lost_engines, recovery)
+        calls = _generate_calls(rollout, [p.prompt_ids for p in prompts], seed_of_engine, s.n, s.max_new_tokens,
+                                s.temperature, s.top_p, s.logprobs)
+        generated |= dict(zip(again, gather_dealt(rollout, [calls[i] for i in again], recovery)))
+    return generated, sent_to, lost_graders
+
+
+def _lanes_grade(verifier: ActorGroup, graders: list, shares: list[list[PromptItem]], generated: dict[int, Any],
+                 sent_to: dict[int, list[int]], lost_graders: _Lost, recovery: Recovery | None) -> dict[int, Any]:
+    """Every share's (scores, metrics): the chained grading's replies from the verifier actors'
+    lanes (`graders`), and (through Ray, once the lost verifier actors are back) the shares that
+    were not graded."""
+    graded: dict[int, Any] = {}
+    for v, sent in sent_to.items():
+        for i in sent:
+            try:
+                graded[i] = graders[v].result()
+            except LOST_ERRORS as e:
+                lost_graders.append((verifier, v, e))
+                break
+    ungraded = [i for i in generated if i not in graded]
+    if ungraded:
+        _revive_all(lost_graders, recovery)
+        calls = [(i % verifier.world_size,
+                  lambda a, share=shares[i], outs=generated[i][0]: a.score.remote(_grading_items(share, outs)))
+                 for i in ungraded]
+        graded |= dict(zip(ungraded, gather_dealt(verifier, calls, recovery)))
+    return graded
+
+
+def _revive_all(lost: list[tuple[ActorGroup, int, BaseException]], recovery: Recovery | None) -> None:
+    """Wait for each lost actor's restart (`Recovery.revive`); without recovery, raise the first loss."""
+    if recovery is None and lost:
+        raise lost[0][2]
+    for group, index, error in lost:
+        recovery.revive(group, index, error)
 
 
 def _grading_after(generation_end: float, actors: list[int], metrics: list[dict[str, float]]) -> float:
@@ -361,11 +477,23 @@ def gather_rows(parts: list[list[int]], values: list[np.ndarray], shape: torch.S
     return torch.from_numpy(out)
 
 
+def submit_ranks(group: ActorGroup, verb: str, args_of: Callable[[int], tuple]) -> Callable[[], list]:
+    """Send `verb(*args_of(rank))` to every rank, over the group's lanes when it has them, else as
+    Ray calls; returns the function that waits for the ranks' results, in rank order."""
+    lanes = group.lanes()
+    if lanes is not None:
+        for r, lane in enumerate(lanes):
+            lane.submit(verb, *args_of(r))
+        return lambda: lane_results(group, lanes)
+    refs = group.call_async(lambda a, r: getattr(a, verb).remote(*args_of(r)))
+    return lambda: ray.get(refs)
+
+
 def sharded_logprobs(group: ActorGroup, batch: Batch, k: int, timer: StageTimer, name: str) -> torch.Tensor:
     """No-grad log-probs [B, T] from a data-parallel group."""
     parts = _shards(group, batch, k)
     sub = batch.packed().replace(group_ids=batch.group_ids)
-    results = ray.get(group.call_async(lambda a, r: a.logprobs.remote(sub.select(parts[r]))))
+    results = submit_ranks(group, "logprobs", lambda r: (sub.select(parts[r]),))()
     timer.compute(name, max(sec for _, sec in results))
     return gather_rows(parts, [logp for logp, _ in results], batch.response_mask.shape)
 
@@ -380,7 +508,7 @@ def prm_rewards(group: ActorGroup, batch: Batch, k: int, *, mode: str, ref_is_po
     parts = _shards(group, batch, k)
     sub = batch.packed().replace(scores=batch.scores, group_ids=batch.group_ids,
                                  ref_logp=batch.old_logp if ref_is_policy else None)
-    results = group.call(lambda a, r: a.update_and_rewards.remote(sub.select(parts[r]), mode))
+    results = submit_ranks(group, "update_and_rewards", lambda r: (sub.select(parts[r]), mode))()
     timer.compute("prm", max(sec for _, sec in results))
     rewards = gather_rows(parts, [r for (r, _), _ in results], batch.response_mask.shape)  # [B, T]
     mask = batch.response_mask
@@ -399,9 +527,9 @@ def policy_update(group: ActorGroup, batch: Batch, k: int, timer: StageTimer, on
     parts = _shards(group, batch, k)
     sub = batch.packed().replace(old_logp=batch.old_logp, ref_logp=batch.ref_logp, advantages=batch.advantages,
                                  group_ids=batch.group_ids)
-    refs = group.call_async(lambda a, r: a.update.remote(sub.select(parts[r]), on_policy))
+    wait = submit_ranks(group, "update", lambda r: (sub.select(parts[r]), on_policy))
     queued = then() if then is not None else None
-    results = ray.get(refs)
+    results = wait()
     timer.compute("update_policy", max(sec for _, sec in results))
     logp = gather_rows(parts, [lp for (_, lp), _ in results], batch.response_mask.shape)  # [B, T]
     return dict(results[0][0][0]), logp, queued

@@ -298,11 +298,15 @@ class ActorGroup:
             pg = create_placement_group(f"prime-{name}", [bundle] * world_size, timeout_s=timeout_s)
             slots = [Slot(i, num_cpus, num_gpus) for i in range(world_size)]
         self.pg, self.slots, self.max_restarts = pg, list(slots), max_restarts
+        self.lanes_allowed = False
+        """Whether `lanes` may open lanes (`cluster.step_lanes`, actors of `LaneServer` classes on the
+        driver's node: `allow_lanes`)."""
+        self._lanes: list | None = None
         remote_cls = ray.remote(cls)
-        self.actors = [self._start(remote_cls, slot, args, kwargs or {}) for slot in self.slots]
+        self._actors = [self._start(remote_cls, slot, args, kwargs or {}) for slot in self.slots]
         if issubclass(cls, RankedWorker):
-            addr, port = ray.get(self.actors[0].master_address.remote())
-            ray.get([a.init_distributed.remote(addr, port, r, world_size) for r, a in enumerate(self.actors)])
+            addr, port = ray.get(self._actors[0].master_address.remote())
+            ray.get([a.init_distributed.remote(addr, port, r, world_size) for r, a in enumerate(self._actors)])
 
     def _start(self, remote_cls, slot: Slot, args: Sequence[Any], kwargs: dict[str, Any]):
         options: dict[str, Any] = dict(
@@ -313,6 +317,39 @@ class ActorGroup:
         if slot.env_vars:  # merged into the job's env_vars by Ray
             options["runtime_env"] = {"env_vars": dict(slot.env_vars)}
         return remote_cls.options(**options).remote(*args, **kwargs)
+
+    @property
+    def actors(self) -> list[Any]:
+        """The ranks' Ray handles. Open lanes are closed first: an actor serving a lane runs no
+        Ray call until its lane closes (`workers/lane.py`)."""
+        self.close_lanes()
+        return self._actors
+
+    def allow_lanes(self, enabled: bool = True) -> bool:
+        """Let `lanes` open lanes when `enabled` and every rank runs on the driver's node; returns
+        whether it may."""
+        here = ray.get_runtime_context().get_node_id()
+        self.lanes_allowed = enabled and all(node == here for node in self.node_ids())
+        return self.lanes_allowed
+
+    def lanes(self) -> list[Any] | None:
+        """One open lane per rank (opened on first use, kept until a Ray call needs the actors);
+        None when this group does not use lanes."""
+        if not self.lanes_allowed:
+            return None
+        if self._lanes is not None and any(lane.broken for lane in self._lanes):
+            self.close_lanes()
+        if self._lanes is None:
+            from workers.lane import open_lanes
+
+            self._lanes = open_lanes(self._actors, self.name)
+        return self._lanes
+
+    def close_lanes(self, timeout_s: float = 60.0) -> None:
+        """Give every rank back to Ray's queue (each finishes the lane calls it has first)."""
+        lanes, self._lanes = self._lanes, None
+        for lane in lanes or ():
+            lane.close(timeout_s)
 
     def node_ids(self) -> list[str]:
         """The Ray node each rank runs on (from its bundle)."""
@@ -327,7 +364,8 @@ class ActorGroup:
         return [fn(a, r) for r, a in enumerate(self.actors)]
 
     def shutdown(self) -> None:
-        for a in self.actors:
+        self.close_lanes(timeout_s=5.0)
+        for a in self._actors:
             ray.kill(a)
         if self._owns_pg:
             remove_placement_group(self.pg)

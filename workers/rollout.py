@@ -10,9 +10,10 @@ import torch
 
 from workers import failpoints
 from workers.group import node_ip
+from workers.lane import LaneServer
 
 
-class RolloutWorker:
+class RolloutWorker(LaneServer):
     """Owns one engine for the whole run (engine start is the expensive part; weights change in place).
 
     For the streaming weight sync the engine's own processes join the group (vLLM's workers, or

@@ -18,6 +18,7 @@ from prime.data.batch import Batch
 from prime.train.trainer import Trainer
 from workers import failpoints
 from workers.group import RankedWorker
+from workers.lane import LaneServer
 
 T = TypeVar("T")
 
@@ -43,7 +44,7 @@ def wire(rows: torch.Tensor) -> np.ndarray:
     return rows.detach().cpu().numpy()
 
 
-class TrainingWorker(RankedWorker):
+class TrainingWorker(RankedWorker, LaneServer):
     """One data-parallel rank of a trained role (its subclass sets `self.trainer` in `build`)."""
 
     trainer: Trainer

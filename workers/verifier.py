@@ -12,6 +12,7 @@ from typing import Any
 
 from prime.verifiers.pool import VerifierPool
 from workers import failpoints
+from workers.lane import LaneServer
 
 
 def grading_items(prompts: Sequence[Mapping[str, Any]], completions: Sequence[Sequence[Any]]) -> list[dict]:
@@ -20,7 +21,7 @@ def grading_items(prompts: Sequence[Mapping[str, Any]], completions: Sequence[Se
     return [dict(p, response=c.text) for p, comps in zip(prompts, completions) for c in comps]
 
 
-class VerifierWorker:
+class VerifierWorker(LaneServer):
     """Grades batches of `{kind|ability|data_source, response, ground_truth}` items."""
 
     def __init__(self, *, num_workers: int, timeout_s: float, code_case_timeout_s: float) -> None:

@@ -173,7 +173,16 @@ class StreamingSync(WeightSync):
     def start(self) -> tuple:
         t0 = time.perf_counter()
         # Receivers first so they are waiting when the senders start (each side would block in the
-        # collective until the other arrives anyway).
+        # collective until the other arrives anyway). Over the groups' lanes when both have them
+        # (`workers/lane.py`): a sync queued behind the policy's update on its lane starts the moment
+        # the update ends, in the same Ray task.
+        engines, ranks = self.rollout.lanes(), self.policy.lanes()
+        if engines is not None and ranks is not None:
+            for lane in engines:
+                lane.submit("receive_weights")
+            for lane in ranks:
+                lane.submit("send_weights")
+            return t0, engines, ranks
         recv = [e.receive_weights.remote() for e in self.rollout.actors]
         send = [a.send_weights.remote() for a in self.policy.actors]
         return t0, recv, send
@@ -181,9 +190,19 @@ class StreamingSync(WeightSync):
     def finish(self, started: tuple, since: float | None = None) -> dict[str, float]:
         import ray
 
+        from workers.lane import Lane, lane_results
+
         t0, recv, send = started
-        sent = [s for s in ray.get(send) if s is not None]
-        received = ray.get(recv)
+        if send and isinstance(send[0], Lane):
+            try:
+                sent = [s for s in lane_results(self.policy, send) if s is not None]
+            except BaseException:  # the engines' replies will not be read: their lanes must not stay open
+                self.rollout.close_lanes(timeout_s=5.0)
+                raise
+            received = lane_results(self.rollout, recv)
+        else:
+            sent = [s for s in ray.get(send) if s is not None]
+            received = ray.get(recv)
         seconds = time.perf_counter() - (t0 if since is None else since)
         return {
             "weight_sync/bytes": sent[0]["bytes"],
@@ -198,6 +217,8 @@ class StreamingSync(WeightSync):
     def close(self) -> None:
         import ray
 
+        self.policy.close_lanes()  # the senders' handles were kept from the start: no lane may hold them
+        self.rollout.close_lanes()
         ray.get([s.close_weight_sync.remote() for s in self.senders]
                 + [e.close_weight_sync.remote() for e in self.rollout.actors])
 

@@ -1,7 +1,8 @@
 """Grading chained to generation (`launch.stages.generate_and_verify`) on real Ray actors.
 
 Two HF engines and one verifier actor: each engine's share is graded by `score_generated` from
-the generation's ObjectRef, without the driver in between. With seeded sampling the completions
+the generation's ObjectRef, without the driver in between, or (over the groups' lanes) sent on
+by the driver the moment it is back. With seeded sampling the completions
 must be those of a plain `generate`, and every score the one the grader gives in this process,
 prompt by prompt, however the prompts were dealt.
 """
@@ -66,11 +67,15 @@ def _prompts(path: str, ground_truths: list[str]):
             for i, (q, gt) in enumerate(zip(QUESTIONS, ground_truths))]
 
 
-def test_chained_grading_scores_each_response_of_its_own_prompt(actors):
+@pytest.mark.parametrize("lanes", [False, True], ids=["ray", "lanes"])
+def test_chained_grading_scores_each_response_of_its_own_prompt(actors, lanes):
     from launch.stages import Sampling, StageTimer, generate, generate_and_verify
     from prime.verifiers.math import extract_answer, score
 
     path, rollout, verifier = actors
+    for group in (rollout, verifier):
+        group.close_lanes()
+        group.allow_lanes(False)
     s = Sampling(n=3, max_new_tokens=12, temperature=1.0, top_p=1.0, accuracy=False, acc_low=0.0, acc_high=1.0,
                  drop_truncated=False, max_rounds=1, oversample=1.0)
     seeds = {0: 101, 1: 202}
@@ -83,7 +88,10 @@ def test_chained_grading_scores_each_response_of_its_own_prompt(actors):
     prompts = _prompts(path, truths)
 
     timer = StageTimer()
+    for group in (rollout, verifier):  # over the lanes (`workers/lane.py`) the results must be the same
+        assert group.allow_lanes(lanes) == lanes
     completions, scores, metrics = generate_and_verify(rollout, verifier, prompts, s, seeds.get, timer)
+    assert (rollout._lanes is not None) == lanes and (verifier._lanes is not None) == lanes
 
     assert [[c.token_ids for c in comps] for comps in completions] == [[c.token_ids for c in comps] for comps in plain]
     expected = [[score(c.text, p.ground_truth) for c in comps] for p, comps in zip(prompts, completions)]
