@@ -51,6 +51,9 @@ _HEADER = struct.Struct("!QI")
 _LENGTH = struct.Struct("!Q")
 ACCEPT_TIMEOUT_S = 60.0
 """How long `serve_lane` waits for the driver to connect before it gives the actor back to Ray."""
+OUT_OF_BAND_BYTES = 1 << 16
+"""Buffers this large or larger cross after the pickle instead of being copied into it (below,
+one `sendall` for the whole frame is cheaper)."""
 LOST_WAIT_S = 60.0
 """How long a lane whose socket closed waits for Ray to say what happened to the actor."""
 
@@ -65,7 +68,14 @@ def send_frame(sock: socket.socket, obj: Any) -> None:
     the pickle, then the buffers themselves (contiguous numpy arrays and tensors' storages cross
     without a copy into the pickle)."""
     buffers: list[pickle.PickleBuffer] = []
-    data = pickle.dumps(obj, protocol=5, buffer_callback=buffers.append)
+
+    def out_of_band(buffer: pickle.PickleBuffer) -> bool:  # False: this buffer goes after the pickle
+        if buffer.raw().nbytes < OUT_OF_BAND_BYTES:
+            return True
+        buffers.append(buffer)
+        return False
+
+    data = pickle.dumps(obj, protocol=5, buffer_callback=out_of_band)
     raws = [b.raw() for b in buffers]
     header = _HEADER.pack(len(data), len(raws)) + b"".join(_LENGTH.pack(r.nbytes) for r in raws)
     if not raws:
