@@ -1,13 +1,12 @@
 """Step lanes: the driver's direct line to an actor on its own node, for the verbs of a step.
 
-A Ray actor call costs 1.0-1.4 ms there and back on a 2-core box, idle, and as much CPU time
-again spread over the two processes' Ray threads; with both cores busy it took 3.5-4.2 ms
-(`bench/ray_latency.py --lanes`). A tiny step makes eight such calls, three of them one after
-another on its critical path. A lane is a Unix socket from the driver to one actor, which the
+A Ray actor call costs about 1 ms there and back on a 2-core box, idle (`bench/ray_latency.py`),
+and more CPU time than that in the two processes' Ray threads. A tiny step makes eight such calls,
+three of them one after another on its critical path. A lane is a Unix socket from the driver to one actor, which the
 actor serves from a Ray task of its own (`LaneServer.serve_lane`): the task reads a verb and its
 arguments, runs the actor's method on the actor's own thread, exactly where a Ray call of that
 method would have run, sends back the result, and waits for the next one. The same exchange over
-a lane took 0.08-0.2 ms there and back.
+a lane took 0.06-0.2 ms there and back.
 
 Rules, all kept by `workers.group.ActorGroup`, which owns its group's lanes:
 
@@ -67,16 +66,16 @@ def send_frame(sock: socket.socket, obj: Any) -> None:
     """One frame: the header (pickle length, number of out-of-band buffers, each buffer's length),
     the pickle, then the buffers themselves (contiguous numpy arrays and tensors' storages cross
     without a copy into the pickle)."""
-    buffers: list[pickle.PickleBuffer] = []
+    raws: list[memoryview] = []
 
     def out_of_band(buffer: pickle.PickleBuffer) -> bool:  # False: this buffer goes after the pickle
-        if buffer.raw().nbytes < OUT_OF_BAND_BYTES:
+        raw = buffer.raw()
+        if raw.nbytes < OUT_OF_BAND_BYTES:
             return True
-        buffers.append(buffer)
+        raws.append(raw)
         return False
 
     data = pickle.dumps(obj, protocol=5, buffer_callback=out_of_band)
-    raws = [b.raw() for b in buffers]
     header = _HEADER.pack(len(data), len(raws)) + b"".join(_LENGTH.pack(r.nbytes) for r in raws)
     if not raws:
         sock.sendall(header + data)
@@ -100,7 +99,8 @@ def _recv_exact(sock: socket.socket, n: int) -> bytearray:
 
 def recv_frame(sock: socket.socket) -> Any:
     n, count = _HEADER.unpack(_recv_exact(sock, _HEADER.size))
-    lengths = [_LENGTH.unpack_from(b, 0)[0] for b in (_recv_exact(sock, _LENGTH.size) for _ in range(count))]
+    sizes = _recv_exact(sock, _LENGTH.size * count)
+    lengths = [_LENGTH.unpack_from(sizes, _LENGTH.size * j)[0] for j in range(count)]
     data = _recv_exact(sock, n)
     return pickle.loads(data, buffers=[_recv_exact(sock, m) for m in lengths])
 
@@ -258,7 +258,7 @@ class Lane:
                     if isinstance(self._kept[-1], BaseException):
                         break
                 send_frame(self._sock, None)
-            except (OSError, socket.timeout) as e:
+            except OSError as e:  # socket.timeout included
                 log.debug("lane to %s did not end cleanly: %s", self.label, e)
         self._sock.close()
         try:
