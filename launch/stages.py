@@ -202,18 +202,11 @@ def generate_and_verify(rollout: ActorGroup, verifier: ActorGroup, prompts: list
         timer.compute("generate", max(r[1] for r in generated))
     regenerated = recovery is not None and recovery.counts.get(restarts_key, 0.0) != restarts
     with timer("verify"):
-        calls = [(i % verifier.world_size,  # a retry, or every share after an engine was restarted
-                  lambda a, share=shares[i], outs=r[0]: a.score.remote(_grading_items(share, outs)))
+        calls = [_grading_call(i, verifier.world_size, shares[i], r[0])  # a retry, or every share after a restart
                  for (i, _), r in zip(gen_calls, generated)]
         graded = gather_dealt(verifier, calls, recovery, None if regenerated else graded_refs)
-    timer.compute("verify", _grading_after(max(r[2] for r in generated), [a for a, _ in calls],
-                                           [m for _, m in graded]))
-    per_share = [_by_prompt([float(x) for x in scores], len(shares[i]), s.n)
-                 for (i, _), (scores, _) in zip(gen_calls, graded)]
-    metrics = {key: sum(float(m[key]) for _, m in graded)
-               for key in ("verify/timeouts", "verify/errors", "verify/items")}
-    completions = undeal([r[0] for r in generated], len(prompts), rollout.world_size)
-    return completions, undeal(per_share, len(prompts), rollout.world_size), metrics
+    return _joined_shares(prompts, [i for i, _ in gen_calls], generated, graded, rollout.world_size,
+                          verifier.world_size, s.n, timer)
 
 
 def _generate_and_verify_lanes(rollout: ActorGroup, verifier: ActorGroup, prompts: list[PromptItem], s: Sampling,
@@ -241,13 +234,31 @@ def _generate_and_verify_lanes(rollout: ActorGroup, verifier: ActorGroup, prompt
         rollout.close_lanes()  # replies left unread would be taken for the next calls'
         verifier.close_lanes()
         raise
-    timer.compute("verify", _grading_after(max(generated[i][2] for i in active),
-                                           [i % verifier.world_size for i in active], [graded[i][1] for i in active]))
-    per_share = [_by_prompt([float(x) for x in graded[i][0]], len(shares[i]), s.n) for i in active]
-    metrics = {key: sum(float(graded[i][1][key]) for i in active)
-               for key in ("verify/timeouts", "verify/errors", "verify/items")}
-    completions = undeal([generated[i][0] for i in active], len(prompts), rollout.world_size)
-    return completions, undeal(per_share, len(prompts), rollout.world_size), metrics
+    return _joined_shares(prompts, active, [generated[i] for i in active], [graded[i] for i in active],
+                          rollout.world_size, verifier.world_size, s.n, timer)
+
+
+def _grading_call(engine: int, verifiers: int, share: list[PromptItem],
+                  outs: list[list[Completion]]) -> tuple[int, Callable[[Any], Any]]:
+    """Engine `engine`'s share graded from the driver, as a `gather_dealt` call to verifier actor
+    engine mod `verifiers`."""
+    return engine % verifiers, lambda a: a.score.remote(_grading_items(share, outs))
+
+
+def _joined_shares(prompts: list[PromptItem], engines: list[int], generated: list, graded: list, world_size: int,
+                   verifiers: int, n: int, timer: StageTimer) -> tuple[list[list[Completion]], list[list[float]],
+                                                                   dict[str, float]]:
+    """The engines' shares back in prompt order: `generated[j]` and `graded[j]` are engine
+    `engines[j]`'s results (its share graded by verifier actor engines[j] mod `verifiers`). Counts
+    the grading done after the last engine finished as `compute/verify`."""
+    shares = deal(prompts, world_size)
+    timer.compute("verify", _grading_after(max(r[2] for r in generated), [i % verifiers for i in engines],
+                                           [m for _, m in graded]))
+    per_share = [_by_prompt([float(x) for x in scores], len(shares[i]), n)
+                 for i, (scores, _) in zip(engines, graded)]
+    metrics = {key: sum(float(m[key]) for _, m in graded) for key in ("verify/timeouts", "verify/errors", "verify/items")}
+    completions = undeal([r[0] for r in generated], len(prompts), world_size)
+    return completions, undeal(per_share, len(prompts), world_size), metrics
 
 
 _Lost = list[tuple[ActorGroup, int, BaseException]]
@@ -313,14 +324,12 @@ def _lanes_grade(verifier: ActorGroup, graders: list, shares: list[list[PromptIt
     ungraded = [i for i in generated if i not in graded]
     if ungraded:
         _revive_all(lost_graders, recovery)
-        calls = [(i % verifier.world_size,
-                  lambda a, share=shares[i], outs=generated[i][0]: a.score.remote(_grading_items(share, outs)))
-                 for i in ungraded]
+        calls = [_grading_call(i, verifier.world_size, shares[i], generated[i][0]) for i in ungraded]
         graded |= dict(zip(ungraded, gather_dealt(verifier, calls, recovery)))
     return graded
 
 
-def _revive_all(lost: list[tuple[ActorGroup, int, BaseException]], recovery: Recovery | None) -> None:
+def _revive_all(lost: _Lost, recovery: Recovery | None) -> None:
     """Wait for each lost actor's restart (`Recovery.revive`); without recovery, raise the first loss."""
     if recovery is None and lost:
         raise lost[0][2]
