@@ -26,6 +26,9 @@ Variants:
     vllm_inproc_compiled   vllm_inproc with vLLM's torch.compile (`rollout.enforce_eager=false`; needs a
                            C++ compiler, compiles at start)
     vllm_compiled          vLLM's defaults with torch.compile
+    vllm_step              what a CPU step runs: in process, compiled, seeded, no token log-probs (the
+                           steps between weight-sync checks)
+    vllm_step_unseeded     vllm_step without per-request seeds
     hf                     prime's HF engine (`generate` with a KV cache), torch on every core
 
 Printed per variant: median seconds per call over the rounds after the first (a warm-up), generated
@@ -57,6 +60,8 @@ VARIANTS = {
     "vllm_inproc_nologprobs": ("vllm", {}, {"in_process": True}, True, False),
     "vllm_inproc_compiled": ("vllm", {}, {"in_process": True, "enforce_eager": False}, True, True),
     "vllm_compiled": ("vllm", {}, {"enforce_eager": False}, True, True),
+    "vllm_step": ("vllm", {}, {"in_process": True, "enforce_eager": False}, True, False),
+    "vllm_step_unseeded": ("vllm", {}, {"in_process": True, "enforce_eager": False}, False, False),
     "hf": ("hf", {}, {}, True, True),
 }
 DEFAULT_VARIANTS = "vllm,vllm_reserved0,vllm_inproc,vllm_inproc_unseeded,hf"

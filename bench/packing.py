@@ -1,6 +1,6 @@
 """Padded vs padding-free passes: seconds of one micro-batch's log-prob pass on the CPU.
 
-    python bench/packing.py [--repeats 5] [--threads 2] [--block-mask] [--json out.json]
+    python bench/packing.py [--repeats 5] [--threads 2] [--samples 1] [--block-mask] [--json out.json]
 
 The model is the `small` tiny preset (hidden 512, 4 layers, 8 heads, GQA 4:1, vocabulary 512),
 built locally in fp32. The batch holds 64 sequences of random token ids, prompts of 20-40 tokens and
@@ -16,7 +16,10 @@ run, so they share the machine's load):
 Columns: padded, padding-free, speed-up = padded / padding-free, and the largest |difference| of
 the log-probs (or of the gradients) between the two. `--block-mask` adds a column for an sdpa
 model that was not switched: transformers then builds a dense block-diagonal mask from the
-restarting position ids, so every layer attends over all N packed tokens (N x N).
+restarting position ids, so every layer attends over all N packed tokens (N x N). `--samples K`
+makes the batch a rollout's: 64 / K prompts, each answered by K of the responses (consecutive rows),
+and adds a column with `share_prompts=True` (`actor.share_prompts`): each prompt packed once for its
+K responses.
 
 The machine's load averages are printed before and after; other jobs on the same cores inflate
 every number, so compare runs taken at a similar load.
@@ -43,11 +46,13 @@ def load_averages() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
-def make_batch(vocab: int, seed: int = 0):
+def make_batch(vocab: int, seed: int = 0, samples: int = 1):
+    """64 rows of random tokens; with `samples` K > 1, 64 / K prompts, each for K consecutive rows."""
     from prime.data.batch import pack_sequences
 
     rng = random.Random(seed)
-    prompts = [[rng.randrange(4, vocab) for _ in range(rng.randint(*PROMPT_LEN))] for _ in range(ROWS)]
+    prompts = [[rng.randrange(4, vocab) for _ in range(rng.randint(*PROMPT_LEN))] for _ in range(ROWS // samples)]
+    prompts = [p for p in prompts for _ in range(samples)]
     responses = [[rng.randrange(4, vocab) for _ in range(rng.randint(*RESPONSE_LEN))] for _ in range(ROWS)]
     return pack_sequences(prompts, responses, pad_id=3)
 
@@ -66,7 +71,7 @@ def timed_alternating(fns: dict, repeats: int) -> tuple[dict, dict]:
     return times, outs
 
 
-def passes(model, batch, padding_free: bool):
+def passes(model, batch, padding_free: bool, share_prompts: bool = False):
     """(no-grad pass, forward+backward pass) closures; the second returns the gradients."""
     import torch
 
@@ -77,11 +82,11 @@ def passes(model, batch, padding_free: bool):
 
     def no_grad():
         with torch.no_grad():
-            return response_logprobs(model, *args, padding_free=padding_free)
+            return response_logprobs(model, *args, padding_free=padding_free, share_prompts=share_prompts)
 
     def fwd_bwd():
         model.zero_grad(set_to_none=True)
-        logp = response_logprobs(model, *args, padding_free=padding_free)
+        logp = response_logprobs(model, *args, padding_free=padding_free, share_prompts=share_prompts)
         ((logp * mask).sum() / mask.sum()).backward()
         return {n: p.grad for n, p in model.named_parameters()}
 
@@ -92,21 +97,25 @@ def max_grad_diff(a: dict, b: dict) -> float:
     return max(float((a[k] - b[k]).abs().max()) for k in a)
 
 
-def run(repeats: int, block_mask: bool) -> dict:
+def run(repeats: int, block_mask: bool, samples: int = 1) -> dict:
     from prime.models.loading import load_model
     from prime.models.packing import use_packed_attention
     from prime.models.tiny import build_tiny_model, tiny_model_preset
+    from launch.stages import unique_tokens
 
     path = build_tiny_model(tempfile.mkdtemp(prefix="bench_packing_"), seed=0, **tiny_model_preset("small"))
     padded_model, packed_model = load_model(path), load_model(path)
     use_packed_attention(packed_model)
-    batch = make_batch(padded_model.config.vocab_size)
-    variants = [("padded", padded_model, False), ("padding-free", packed_model, True)]
+    batch = make_batch(padded_model.config.vocab_size, samples=samples)
+    variants = [("padded", padded_model, False, False), ("padding-free", packed_model, True, False)]
+    if samples > 1:
+        variants.append(("padding-free, shared prompts", packed_model, True, True))
     if block_mask:
-        variants.append(("padding-free, block mask", padded_model, True))
+        variants.append(("padding-free, block mask", padded_model, True, False))
     res: dict = {"real_tokens": int(batch.attention_mask.sum()), "padded_tokens": int(batch.input_ids.numel()),
+                 "unique_tokens": unique_tokens(batch), "samples": samples,
                  "load_before": load_averages(), "seconds": {}, "runs": {}, "max_abs_diff": {}}
-    fns = {name: passes(model, batch, padding_free) for name, model, padding_free in variants}
+    fns = {name: passes(model, batch, padding_free, share) for name, model, padding_free, share in variants}
     runs_lp, logps = timed_alternating({name: f[0] for name, f in fns.items()}, repeats)
     print("  logprobs (no grad): " + "; ".join(f"{n} {' '.join(f'{t:.2f}' for t in ts)} s" for n, ts in runs_lp.items()),
           flush=True)
@@ -146,15 +155,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per pass after one warm-up run")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     parser.add_argument("--block-mask", action="store_true", help="also time an unswitched sdpa model (dense mask)")
+    parser.add_argument("--samples", type=int, default=1,
+                        help="responses per prompt (a divisor of 64); > 1 adds the shared-prompts column")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
+    if args.samples < 1 or ROWS % args.samples:
+        parser.error(f"--samples must divide {ROWS}, got {args.samples}")
     import torch
 
     torch.set_num_threads(args.threads)
     print(f"load averages before: {load_averages()}; torch threads {torch.get_num_threads()}", flush=True)
-    res = run(args.repeats, args.block_mask)
+    res = run(args.repeats, args.block_mask, args.samples)
     res.update(threads=args.threads, repeats=args.repeats, torch=torch.__version__)
-    print(f"small preset, fp32, {ROWS} sequences: {res['real_tokens']} real tokens, {res['padded_tokens']} padded; "
+    print(f"small preset, fp32, {ROWS} sequences ({ROWS // args.samples} prompts x {args.samples}): "
+          f"{res['real_tokens']} real tokens ({res['unique_tokens']} with each prompt once), {res['padded_tokens']} padded; "
           f"median of {args.repeats} after a warm-up; load averages {res['load_before']} -> {res['load_after']}")
     print(table(res))
     if args.json:

@@ -42,7 +42,10 @@ right after the point (TRL done, prime's actors shut down): every linear layer o
 thread count) over the median step's packed tokens (`batch/tokens`), best of `--limit-repeats`.
 "update / limit" divides the policy actor's own update seconds (`compute/update_policy`, the median
 step) by it: what attention, norms, the loss, the optimizer and the step's other processes add to
-the bare multiplies.
+the bare multiplies. With `actor.share_prompts` (the default) the update runs fewer tokens than the
+batch holds, each prompt once for its K samples (`policy/tokens`, printed as "update ran"); "/ limit
+of those" divides by the limit scaled to them (the multiplies' time is linear in the tokens), so it
+tells how near the machine the update computes, apart from the work it saves.
 """
 
 from __future__ import annotations
@@ -228,6 +231,7 @@ def run_point(point: str, steps: int, output_dir: str, extra: list[str], variant
     if limit_repeats > 0:
         row["update_limit"] = update_limit(model, round(row["batch_tokens"]), limit_repeats)
         row["update_vs_limit"] = row["update_compute"] / row["update_limit"]
+        row["update_vs_run_limit"] = row["update_vs_limit"] * row["batch_tokens"] / row["update_tokens"]
     return row
 
 
@@ -246,6 +250,7 @@ def summarize(point: str, cb, prime_metrics: list[dict[str, float]], load_before
         row[s] = med(f"timing/{s}")
     row["update_compute"] = med("compute/update_policy")
     row["batch_tokens"] = med("batch/tokens")
+    row["update_tokens"] = med("policy/tokens") or row["batch_tokens"]  # what the update ran
     # The weight-sync check on the steps that log it (rollout.logprob_check_every): the engines sampled
     # from the weights the trainer scored with, so the timed run was also a correct one.
     gaps = [m["rollout/logprob_gap"] for m in prime_metrics if "rollout/logprob_gap" in m]
@@ -256,7 +261,8 @@ def summarize(point: str, cb, prime_metrics: list[dict[str, float]], load_before
 
 def markdown(rows: list[dict]) -> str:
     head = ["point", "prime variant", "TRL step s", "prime step s", "prime/TRL", "TRL gen tok/step", "prime gen tok/step",
-            *(f"{s} s" for s in STAGES), "update limit s (tokens)", "update / limit", "prime roll tok/s",
+            *(f"{s} s" for s in STAGES), "update limit s (tokens)", "update / limit", "update ran (/ limit of those)",
+            "prime roll tok/s",
             "overhead s (%)", "logprob gap (steps)",
             "load 1/5/15 before -> after"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -264,7 +270,9 @@ def markdown(rows: list[dict]) -> str:
         cells = [r["point"], r["variant"], f"{r['trl_step']:.2f}", f"{r['prime_step']:.2f}", f"{r['ratio']:.2f}x",
                  f"{r['trl_tokens']:.0f}", f"{r['prime_tokens']:.0f}", *(f"{r[s]:.2f}" for s in STAGES),
                  f"{r.get('update_limit', float('nan')):.2f} ({r['batch_tokens']:.0f})",
-                 f"{r.get('update_vs_limit', float('nan')):.2f}x", f"{r['rollout_tok_s']:.0f}",
+                 f"{r.get('update_vs_limit', float('nan')):.2f}x",
+                 f"{r.get('update_tokens', r['batch_tokens']):.0f} ({r.get('update_vs_run_limit', float('nan')):.2f}x)",
+                 f"{r['rollout_tok_s']:.0f}",
                  f"{r['overhead']:.3f} ({r['overhead_pct']:.1f}%)",
                  f"{r['logprob_gap']:.1e} ({r['logprob_gap_steps']})", f"{r['load_before']} -> {r['load_after']}"]
         lines.append("| " + " | ".join(cells) + " |")

@@ -87,7 +87,8 @@ def policy_args(cfg: Config, total_optimizer_steps: int) -> tuple[Any, EngineSet
         gradient_checkpointing=cfg.model.gradient_checkpointing)
     kwargs = dict(mini_batch_size=a.mini_batch_size or cfg.responses_per_step, epochs=a.ppo_epochs,
                   max_tokens_per_micro_batch=a.max_tokens_per_micro_batch, temperature=cfg.rollout.temperature,
-                  seed=cfg.trainer.seed, trust_remote_code=cfg.model.trust_remote_code, padding_free=a.padding_free)
+                  seed=cfg.trainer.seed, trust_remote_code=cfg.model.trust_remote_code, padding_free=a.padding_free,
+                  share_prompts=a.share_prompts)
     return loss, settings, kwargs
 
 
@@ -105,7 +106,7 @@ def prm_args(cfg: Config) -> dict[str, Any]:
                 granularity=p.granularity, norm=p.norm,
                 mini_batch_size=mini, max_tokens_per_micro_batch=p.max_tokens_per_micro_batch,
                 temperature=cfg.rollout.temperature, seed=cfg.trainer.seed,
-                trust_remote_code=cfg.model.trust_remote_code, padding_free=p.padding_free)
+                trust_remote_code=cfg.model.trust_remote_code, padding_free=p.padding_free, share_prompts=p.share_prompts)
 
 
 def rollout_engine_args(cfg: Config) -> dict[str, Any]:
@@ -202,7 +203,8 @@ def build_roles(cfg: Config, model_path: str, prm_path: str, total_optimizer_ste
         reference = _group(ReferenceWorker, "reference", layout, pgs, env=trainer_vars, kwargs=dict(
             model_path=model_path, dtype=cfg.model.dtype,
             max_tokens_per_micro_batch=cfg.actor.max_tokens_per_micro_batch, temperature=cfg.rollout.temperature,
-            trust_remote_code=cfg.model.trust_remote_code, padding_free=cfg.actor.padding_free))
+            trust_remote_code=cfg.model.trust_remote_code, padding_free=cfg.actor.padding_free,
+            share_prompts=cfg.actor.share_prompts))
     if starts is None:
         starts = rollout.call(lambda a, r: a.ready.remote())
     # After the trainer is built and the engines are up: the streaming plan needs both.

@@ -223,6 +223,11 @@ class PRMConfig:
     """Run the PRM's passes and its frozen reference's without padding: each micro-batch's rows
     concatenated into one row, attention kept within each sequence (prime/models/packing.py). Same
     log-probs up to fp32 rounding; bench/packing.py measures the speed."""
+    share_prompts: bool = True
+    """With prm.padding_free: a prompt's K samples pack the prompt once, and each response attends to
+    that one copy (prime/models/packing.py), so the prompt's tokens run through the PRM and its
+    reference once instead of K times. Same log-probs up to fp32 rounding. Flash-attention models
+    keep every sequence whole (their varlen kernels cannot attend one segment to another)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the PRM's backward pass: less memory for one more forward."""
     ref_placement: Literal["replicated", "sharded", "offload"] = "replicated"
@@ -304,6 +309,12 @@ class ActorConfig:
     """Run the policy's passes (old log-probs, update) and the KL reference's without padding: each
     micro-batch's rows concatenated into one row, attention kept within each sequence
     (prime/models/packing.py). Same log-probs up to fp32 rounding; bench/packing.py measures the speed."""
+    share_prompts: bool = True
+    """With actor.padding_free: a prompt's K samples pack the prompt once, and each response attends to
+    that one copy (prime/models/packing.py), so the prompt's tokens run through the policy's forward
+    and backward (and the KL reference) once instead of K times. Same log-probs up to fp32 rounding.
+    Flash-attention models keep every sequence whole (their varlen kernels cannot attend one segment
+    to another)."""
     zero_stage: int = 2
     """DeepSpeed ZeRO stage of the policy."""
     offload_optimizer: bool = False

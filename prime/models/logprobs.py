@@ -37,6 +37,7 @@ def response_logprobs(
     return_entropy: bool = False,
     chunk_tokens: int | None = DEFAULT_CHUNK_TOKENS,
     padding_free: bool = False,
+    share_prompts: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Log-probs (and optionally entropies) of the response tokens under `model`.
 
@@ -59,6 +60,12 @@ def response_logprobs(
             on padding; `prime.models.packing`); the model must have been through
             `use_packed_attention` (or use flash attention) for that to be cheaper than padding.
             Same values up to fp32 rounding (different matmul shapes).
+        share_prompts: with `padding_free`, consecutive rows with the same prompt (a prompt's K
+            samples) pack it once and their responses attend to that one copy
+            (`prime.models.packing.pack_rows`): the prompt's tokens run through the model once
+            instead of K times. Needs a model through `use_packed_attention` that kept sdpa (flash
+            attention's varlen kernels cannot attend a segment to another one); same values up to
+            fp32 rounding.
 
     Returns:
         logp [B, T] (and entropy [B, T] when return_entropy).
@@ -75,7 +82,7 @@ def response_logprobs(
         return (empty, empty.clone()) if return_entropy else empty
     if padding_free and bool((response_mask > 0).any()):
         return _packed_response_logprobs(model, input_ids, attention_mask, position_ids, response_mask,
-                                         temperature, return_entropy, chunk_tokens)
+                                         temperature, return_entropy, chunk_tokens, share_prompts)
 
     kwargs = {}
     if _accepts_logits_to_keep(model):
@@ -93,10 +100,10 @@ def response_logprobs(
 
 
 def _packed_response_logprobs(model, input_ids, attention_mask, position_ids, response_mask, temperature,
-                              return_entropy, chunk_tokens):
+                              return_entropy, chunk_tokens, share_prompts=False):
     """`response_logprobs` over the rows packed into one row, scattered back to [B, T]."""
     B, T = response_mask.shape
-    packed = pack_rows(input_ids, attention_mask, position_ids, T)
+    packed = pack_rows(input_ids, attention_mask, position_ids, T, share_prompts=share_prompts)
     keep = packed.keep  # [R]
     kwargs = dict(cu_seq_lens_q=packed.cu_seq_lens, cu_seq_lens_k=packed.cu_seq_lens,
                   max_length_q=packed.max_length, max_length_k=packed.max_length)
@@ -106,7 +113,7 @@ def _packed_response_logprobs(model, input_ids, attention_mask, position_ids, re
                 use_cache=False, **kwargs)
     # [1, R, V]; a model (or engine wrapper) that ignored logits_to_keep returned all N > R positions.
     logits = out.logits[:, keep] if out.logits.shape[1] == packed.input_ids.shape[1] else out.logits
-    targets = packed.input_ids[:, keep + 1]  # [1, R]
+    targets = packed.input_ids[:, packed.targets]  # [1, R]
     mask = (response_mask[packed.rows, packed.cols] > 0)[None]  # [1, R]
     stats = token_logprobs(logits, targets, mask, temperature=temperature, return_entropy=return_entropy,
                            chunk_tokens=chunk_tokens)

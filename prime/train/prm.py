@@ -138,16 +138,18 @@ def build_implicit_prm(model_path: str, settings: EngineSettings, *, ref: str = 
                        loss: str = "ce", granularity: str = "token", norm: str = "batch_norm",
                        mini_batch_size: int, max_tokens_per_micro_batch: int, temperature: float = 1.0,
                        seed: int = 0, trust_remote_code: bool = False,
-                       ref_placement: str = "replicated", padding_free: bool = False) -> ImplicitPRM:
+                       ref_placement: str = "replicated", padding_free: bool = False,
+                       share_prompts: bool = False) -> ImplicitPRM:
     """The PRM trainer started from `model_path` and, with ref="frozen", a frozen copy of it placed
-    as `ref_placement` says (see `build_reference`); both run padding-free passes with `padding_free`."""
+    as `ref_placement` says (see `build_reference`); both run padding-free passes with `padding_free`,
+    packing each prompt once for its samples with `share_prompts` (`Trainer`)."""
     if ref not in REFS:
         raise ValueError(f"ref={ref!r} is not valid; choose one of {REFS}")
     if ref_placement not in REF_PLACEMENTS:
         raise ValueError(f"ref_placement={ref_placement!r} is not valid; choose one of {REF_PLACEMENTS}")
     trainer = Trainer(model_path, prm_loss(loss, beta), settings, mini_batch_size=mini_batch_size,
                       max_tokens_per_micro_batch=max_tokens_per_micro_batch, temperature=temperature, seed=seed,
-                      trust_remote_code=trust_remote_code, padding_free=padding_free)
+                      trust_remote_code=trust_remote_code, padding_free=padding_free, share_prompts=share_prompts)
     ref_model = None
     if ref == "frozen":
         ref_model = build_reference(model_path, settings, ref_placement, trainer.device, trust_remote_code,

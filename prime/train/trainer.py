@@ -34,7 +34,7 @@ import torch
 from prime.data.batch import Batch
 from prime.models.loading import load_model
 from prime.models.logprobs import response_logprobs
-from prime.models.packing import use_packed_attention
+from prime.models.packing import PACKED_ATTENTION, shared_prompt_rows, use_packed_attention
 from prime.train.batching import make_micro_batches, make_mini_batches
 from prime.train.engine import (
     EngineSettings,
@@ -126,13 +126,14 @@ class EngineCaller:
 
 
 def forward_rows(model, batch: Batch, rows: Sequence[int], *, device: torch.device, temperature: float = 1.0,
-                 entropy: bool = False, padding_free: bool = False) -> Forward:
+                 entropy: bool = False, padding_free: bool = False, share_prompts: bool = False) -> Forward:
     """Log-probs (and entropies) of rows `rows`, trimmed of all-padding columns for the pass (or packed
-    into one row without padding, `padding_free`) and padded back to the batch's response width T.
-    Keeps the graph."""
+    into one row without padding, `padding_free`, each prompt once for its consecutive rows with
+    `share_prompts`) and padded back to the batch's response width T. Keeps the graph."""
     ids, attn, pos, rmask = batch.select(rows).trimmed()
     out = response_logprobs(model, ids.to(device), attn.to(device), pos.to(device), rmask.to(device),
-                            temperature=temperature, return_entropy=entropy, padding_free=padding_free)
+                            temperature=temperature, return_entropy=entropy, padding_free=padding_free,
+                            share_prompts=share_prompts)
     pad = batch.response_width - rmask.shape[1]
 
     def widen(x: torch.Tensor) -> torch.Tensor:  # [b, T'] -> [b, T]
@@ -141,6 +142,21 @@ def forward_rows(model, batch: Batch, rows: Sequence[int], *, device: torch.devi
     if entropy:
         return Forward(widen(out[0]), widen(out[1]))
     return Forward(widen(out), None)
+
+
+def pass_tokens(batch: Batch, rows: Sequence[int], padding_free: bool = False, share_prompts: bool = False) -> int:
+    """Tokens one forward over `rows` runs through the model (`forward_rows`): rows x trimmed width
+    padded; their real tokens padding-free, each prompt once for the consecutive rows that share it
+    with `share_prompts`."""
+    ids, attn, pos, rmask = batch.select(rows).trimmed()
+    if not padding_free:
+        return int(attn.numel())
+    real = attn > 0
+    if not share_prompts:
+        return int(real.sum())
+    width = ids.shape[1] - rmask.shape[1]
+    shared = shared_prompt_rows(ids, real, pos, width)  # [b]
+    return int(real.sum()) - int(real[shared, :width].sum())
 
 
 def synced_max(n: int) -> int:
@@ -155,16 +171,19 @@ def check_same_on_all_ranks(n: int, what: str) -> None:
 
 
 def make_plan(batch: Batch, mini_batch_size: int, max_tokens: int, whole_groups: bool,
-              padding_free: bool = False) -> Plan:
+              padding_free: bool = False, share_prompts: bool = False) -> Plan:
     """Mini-batches of about `mini_batch_size` rows, each cut into micro-batches by token budget
-    (on rows x longest row, or on real tokens when the passes are padding-free)."""
+    (on rows x longest row, or on real tokens when the passes are padding-free). With `share_prompts`
+    a group's rows (a prompt's samples) stay in one micro-batch where the batch has group ids, so
+    its prompt is packed once."""
     if whole_groups:
         batch.require("group_ids")
     gids = batch.group_ids.tolist() if whole_groups else None
+    units = gids if gids is not None or not share_prompts or batch.group_ids is None else batch.group_ids.tolist()
     lengths = batch.lengths()
     plan = []
     for mini in make_mini_batches(len(batch), mini_batch_size, gids):
-        micro = make_micro_batches([lengths[i] for i in mini], max_tokens, [gids[i] for i in mini] if gids else None,
+        micro = make_micro_batches([lengths[i] for i in mini], max_tokens, [units[i] for i in mini] if units else None,
                                    padding_free=padding_free)
         plan.append([[mini[j] for j in mb] for mb in micro])
     return plan
@@ -198,11 +217,14 @@ class Trainer:
         padding_free: every pass runs its micro-batch's rows packed into one row, no padding
             (`prime.models.packing`; runs set it from `actor.padding_free` / `prm.padding_free`). A
             reference model given to `logprobs` must then have been through `use_packed_attention`.
+        share_prompts: with `padding_free`, a prompt's consecutive samples pack it once
+            (`actor.share_prompts` / `prm.share_prompts`); ignored for flash-attention models, whose
+            varlen kernels keep every packed sequence apart.
     """
 
     def __init__(self, model_path: str, loss: Loss, settings: EngineSettings, *, mini_batch_size: int,
                  max_tokens_per_micro_batch: int, epochs: int = 1, temperature: float = 1.0, seed: int = 0,
-                 trust_remote_code: bool = False, padding_free: bool = False):
+                 trust_remote_code: bool = False, padding_free: bool = False, share_prompts: bool = False):
         for name, value in (("mini_batch_size", mini_batch_size), ("epochs", epochs),
                             ("max_tokens_per_micro_batch", max_tokens_per_micro_batch)):
             if value < 1:
@@ -214,8 +236,9 @@ class Trainer:
         self.temperature, self.padding_free = temperature, padding_free
         torch.manual_seed(seed)
         model = load_trainable(model_path, settings, trust_remote_code)
+        self.share_prompts = False
         if padding_free:
-            use_packed_attention(model)
+            self.share_prompts = use_packed_attention(model) == PACKED_ATTENTION and share_prompts
         self.engine = build_engine(model, settings)
         self.device = self.engine.device
         self._caller = EngineCaller(self.engine, self.engine.module)
@@ -230,11 +253,11 @@ class Trainer:
             raise ValueError(f"mini_batch_size={self.mini_batch_size} is not divisible by the data-parallel "
                              f"world size {w}")
         return make_plan(batch, self.mini_batch_size // w, self.max_tokens, self.loss.traits.whole_groups,
-                         self.padding_free)
+                         self.padding_free, self.share_prompts)
 
     def _forward(self, model, batch: Batch, rows: Sequence[int], entropy: bool = False) -> Forward:
         return forward_rows(model, batch, rows, device=self.device, temperature=self.temperature, entropy=entropy,
-                            padding_free=self.padding_free)
+                            padding_free=self.padding_free, share_prompts=self.share_prompts)
 
     def logprobs(self, batch: Batch, model: torch.nn.Module | None = None) -> torch.Tensor:
         """No-grad log-probs of the batch under the current weights (or under `model`, e.g. a frozen
@@ -274,8 +297,9 @@ class Trainer:
         weights), so the loss and its gradient are those of the update with the separate pass.
 
         Returns the loss's metrics (over all ranks) plus `<section>/grad_norm` (mean over steps),
-        `<section>/lr` and `<section>/num_steps`, and the log-probs [B, T] of the first epoch's
-        forward passes (each row as scored just before its mini-batch's step).
+        `<section>/lr`, `<section>/num_steps` and `<section>/tokens` (the tokens its forward passes
+        ran through the model, `pass_tokens`, all epochs and ranks), and the log-probs [B, T] of the
+        first epoch's forward passes (each row as scored just before its mini-batch's step).
         """
         batch.require(*(f for f in self.loss.required() if not (on_policy and f == "old_logp")))
         self.reload_states()
@@ -295,9 +319,12 @@ class Trainer:
                 if grad_norm is not None:
                     grad_norms.append(grad_norm)
                     lrs.append(lr)
-        totals = all_reduce(torch.tensor(list(sums.values()), dtype=torch.float64))
-        metrics = self.loss.metrics(dict(zip(sums, totals.tolist())), len(grad_norms))
+        ran = self.epochs * sum(pass_tokens(batch, mb, self.padding_free, self.share_prompts)
+                                for micro in plan for mb in micro)
+        totals = all_reduce(torch.tensor([*sums.values(), ran], dtype=torch.float64)).tolist()
+        metrics = self.loss.metrics(dict(zip(sums, totals[:-1])), len(grad_norms))
         s = self.loss.traits.section
+        metrics[f"{s}/tokens"] = totals[-1]
         metrics[f"{s}/grad_norm"] = sum(grad_norms) / len(grad_norms) if grad_norms else 0.0
         metrics[f"{s}/lr"] = lrs[-1] if lrs else float(self.engine.get_lr()[0])
         metrics[f"{s}/num_steps"] = float(len(grad_norms))

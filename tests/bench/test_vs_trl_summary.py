@@ -35,13 +35,19 @@ def test_a_run_without_checked_steps_says_so():
 
 def test_the_update_is_compared_with_its_limit_at_the_median_step_tokens():
     def step(update: float, tokens: float) -> dict[str, float]:
-        return _prime(0.5) | {"compute/update_policy": update, "batch/tokens": tokens}
+        # the update ran 80% of the batch's tokens (its prompts packed once)
+        return _prime(0.5) | {"compute/update_policy": update, "batch/tokens": tokens, "policy/tokens": 0.8 * tokens}
 
     row = summarize("small", _Callback(), [step(9.0, 100.0), step(6.0, 9000.0), step(6.5, 9200.0), step(7.0, 9100.0)],
                     [0.0, 0.0, 0.0])
     assert row["update_compute"] == 6.5 and row["batch_tokens"] == 9100.0  # medians after the first step
-    row |= {"update_limit": 5.0, "update_vs_limit": 6.5 / 5.0, "variant": "default"}
-    assert "| 5.00 (9100) | 1.30x |" in markdown([row])
+    assert row["update_tokens"] == 7280.0
+    row |= {"update_limit": 5.0, "update_vs_limit": 6.5 / 5.0, "update_vs_run_limit": 6.5 / 4.0, "variant": "default"}
+    assert "| 5.00 (9100) | 1.30x | 7280 (1.62x) |" in markdown([row])
     # skipped (--limit-repeats 0): the columns say nan
-    skipped = {k: v for k, v in row.items() if k not in ("update_limit", "update_vs_limit")}
-    assert "| nan (9100) | nanx |" in markdown([skipped])
+    skipped = {k: v for k, v in row.items() if k not in ("update_limit", "update_vs_limit", "update_vs_run_limit")}
+    assert "| nan (9100) | nanx | 7280 (nanx) |" in markdown([skipped])
+    # a run without the metric (an older trainer): the update ran the batch's tokens
+    old = summarize("small", _Callback(), [{k: v for k, v in s.items() if k != "policy/tokens"}
+                                           for s in (step(9.0, 100.0), step(6.0, 9000.0))], [0.0, 0.0, 0.0])
+    assert old["update_tokens"] == old["batch_tokens"] == 9000.0

@@ -6,7 +6,8 @@ import torch
 from prime.data.batch import pack_sequences
 from prime.models.loading import load_model
 from prime.models.logprobs import response_logprobs
-from prime.models.packing import PACKED_ATTENTION, attention_buckets, pack_rows, use_packed_attention
+from prime.models.packing import (PACKED_ATTENTION, _sequences, attention_buckets, pack_rows, shared_prompt_rows,
+                                  use_packed_attention)
 from prime.models.tiny import build_tiny_model, tiny_model_preset
 
 PAD = 3
@@ -38,6 +39,20 @@ def _batch():
     return pack_sequences(PROMPTS, RESPONSES, pad_id=PAD)
 
 
+def _shared():
+    """Rollout-like rows: three samples of one prompt (one with an empty response), two of another,
+    one prompt alone, then the first prompt again after it (a new group: packed again)."""
+    prompts = [[1, 40, 41, 42]] * 3 + [[7, 8]] * 2 + [[9], [1, 40, 41, 42]]
+    responses = [[100, 101, 102], [110], [], [120, 121, 122, 123, 124], [130, 131], [140, 141], [150]]
+    return pack_sequences(prompts, responses, pad_id=PAD)
+
+
+def _shared_long_and_short():
+    """Shared prompts whose sequences fall into two attention groups (one long response, short ones)."""
+    return pack_sequences([[1, 40, 41]] * 3 + [[50, 51]] * 2, [list(range(100, 140)), [110], [111, 112], [120], [121]],
+                          pad_id=PAD)
+
+
 def _long_and_short():
     """One long and three short sequences: the packed attention runs them in two padded groups."""
     return pack_sequences([[1, 40, 41, 42, 43], [50], [60], [70]], [list(range(100, 135)), [110], [120], [130]],
@@ -52,6 +67,44 @@ def test_pack_rows_layout():
     assert p.cu_seq_lens.tolist() == [0, 3, 6] and p.max_length == 3
     assert p.keep.tolist() == [1, 3, 4]  # 6 predicts 8; 7 predicts 9; 9 predicts 10
     assert p.rows.tolist() == [0, 1, 1] and p.cols.tolist() == [0, 0, 1]
+
+
+def test_pack_rows_shares_prompts_layout():
+    # Rows 0-2 share the prompt [5, 6] (row 1's response is empty), row 3 has its own.
+    batch = pack_sequences([[5, 6], [5, 6], [5, 6], [7]], [[8], [], [9, 10], [11]], pad_id=0)  # P=2, T=2
+    args = (batch.input_ids, batch.attention_mask, batch.position_ids, batch.response_width)
+    assert shared_prompt_rows(batch.input_ids, batch.attention_mask > 0, batch.position_ids, 2).tolist() == [
+        False, True, True, False]
+    p = pack_rows(*args, share_prompts=True)
+    assert p.input_ids.tolist() == [[5, 6, 8, 9, 10, 7, 11]]  # the prompt once, then row 2's response
+    assert p.position_ids.tolist() == [[0, 1, 2, 2, 3, 0, 1]]  # row 2's response goes on from the prompt
+    assert p.cu_seq_lens.tolist() == [0, 3, 3, 5, 7] and p.max_length == 4
+    assert p.targets.tolist() == [2, 3, 4, 6]
+    assert p.keep.tolist() == [1, 1, 3, 5]  # 6 predicts 8 and 9 (both first tokens); 9 predicts 10; 7 predicts 11
+    assert p.rows.tolist() == [0, 2, 2, 3] and p.cols.tolist() == [0, 0, 1, 0]
+    unshared = pack_rows(*args)
+    assert unshared.input_ids.tolist() == [[5, 6, 8, 5, 6, 5, 6, 9, 10, 7, 11]]
+    assert torch.equal(unshared.targets, unshared.keep + 1)
+
+
+def test_pack_rows_shares_only_equal_prompts_at_their_positions():
+    batch = pack_sequences([[5, 6], [5, 7], [6], [5, 6]], [[8], [8], [8], [8]], pad_id=0)
+    real = batch.attention_mask > 0
+    assert shared_prompt_rows(batch.input_ids, real, batch.position_ids, 2).tolist() == [False] * 4
+    same = pack_sequences([[5, 6], [5, 6]], [[8], [9]], pad_id=0)
+    shifted = same.position_ids.clone()
+    shifted[1] += 1  # row 1's positions start at 1: not the prompt row 0 packed
+    assert shared_prompt_rows(same.input_ids, same.attention_mask > 0, shifted, 2).tolist() == [False, False]
+    assert shared_prompt_rows(same.input_ids, same.attention_mask > 0, same.position_ids, 2).tolist() == [False, True]
+
+
+def test_sequences_attach_segments_to_the_prompt_they_continue():
+    # lengths and first positions of: prompt+response (5), a response at 3, an empty one, a new prompt (2), one at 2
+    assert _sequences([5, 2, 0, 2, 4], [0, 3, 0, 0, 2]) == [(0, 0, 0, 5), (0, 3, 5, 2), (7, 0, 7, 2), (7, 2, 9, 4)]
+    with pytest.raises(ValueError, match="segment 0 starts at position 2.*no segment starting at position 0"):
+        _sequences([3], [2])
+    with pytest.raises(ValueError, match="segment 1 starts at position 4.*there is 3 tokens"):
+        _sequences([3, 2], [0, 4])
 
 
 def test_pack_rows_rejects_other_layouts():
@@ -92,6 +145,21 @@ def test_packed_matches_padded_across_attention_groups(packed_model):
     torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("make", [_shared, _shared_long_and_short], ids=["one-group", "two-groups"])
+def test_shared_prompts_match_padded(packed_model, make):
+    batch = make()
+    packed = pack_rows(*_args(batch)[:3], batch.response_width, share_prompts=True)
+    assert packed.input_ids.shape[1] < int(batch.attention_mask.sum())  # prompts were packed once
+    with torch.no_grad():
+        want, want_ent = response_logprobs(packed_model, *_args(batch), return_entropy=True)
+        got, got_ent = response_logprobs(packed_model, *_args(batch), return_entropy=True, padding_free=True,
+                                         share_prompts=True)
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+    torch.testing.assert_close(got_ent, want_ent, atol=ATOL, rtol=0)
+    off = batch.response_mask == 0
+    assert (got[off] == 0).all() and (got[~off] < 0).all()
+
+
 def test_packed_without_switch_uses_transformers_block_mask(model_path, packed_model):
     """An sdpa model that was not switched still gets the per-sequence masking right (transformers
     builds the block-diagonal mask from the restarting position ids), only with N x N attention."""
@@ -126,8 +194,10 @@ def test_packed_position_ids_alone_keep_sequences_apart(packed_model):
     torch.testing.assert_close(packed, alone, atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("make", [_batch, _long_and_short], ids=["one-group", "two-groups"])
-def test_packed_gradients_match_padded(model_path, make):
+@pytest.mark.parametrize("make,share", [(_batch, False), (_long_and_short, False), (_shared, True),
+                                        (_shared_long_and_short, True)],
+                         ids=["one-group", "two-groups", "shared-one-group", "shared-two-groups"])
+def test_packed_gradients_match_padded(model_path, make, share):
     batch = make()
     weights = torch.linspace(0.5, 1.5, batch.response_width)  # [T], a loss that weighs every position differently
     grads = []
@@ -135,7 +205,7 @@ def test_packed_gradients_match_padded(model_path, make):
         model = load_model(model_path)
         use_packed_attention(model)
         logp, ent = response_logprobs(model, *_args(batch), return_entropy=True, padding_free=padding_free,
-                                      chunk_tokens=8)
+                                      chunk_tokens=8, share_prompts=share and padding_free)
         loss = -(logp * weights).sum() / batch.response_mask.sum() - 0.01 * ent.mean()
         loss.backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})

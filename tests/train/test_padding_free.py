@@ -65,14 +65,34 @@ def test_trainer_logprobs_and_update_match_padded(make_batch, tiny_model_path):
     assert max(float((p1[k] - p2[k]).abs().max()) for k in p1) < 1e-6
 
 
+def test_shared_prompts_keep_groups_and_match_padded(make_batch, tiny_model_path):
+    """A prompt's samples packed against one copy of it (`share_prompts`): the plan keeps each group in
+    one micro-batch, and log-probs, loss and the updated weights are the padded ones up to rounding."""
+    padded, shared = _trainer(tiny_model_path, False), _trainer(tiny_model_path, True, share_prompts=True)
+    assert shared.share_prompts
+    batch = make_batch(8, group_size=4, seed=2, same_prompt=True)
+    micro = [set(mb) for mini in shared.plan(batch) for mb in mini]
+    assert all(set(range(4 * g, 4 * g + 4)) <= mb for mb in micro for g in {i // 4 for i in mb})  # whole groups
+    want, got = padded.logprobs(batch), shared.logprobs(batch)
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+    batch = _ppo_batch(batch, want)
+    start = _params(padded)
+    (m1, _), (m2, _) = padded.update(batch), shared.update(batch)
+    assert m2["policy/loss"] == pytest.approx(m1["policy/loss"], abs=1e-6)  # as in the test above
+    assert m2["policy/grad_norm"] == pytest.approx(m1["policy/grad_norm"], rel=1e-5)
+    p1, p2 = _params(padded), _params(shared)
+    assert max(float((p1[k] - start[k]).abs().max()) for k in p1) > 2e-5
+    assert max(float((p1[k] - p2[k]).abs().max()) for k in p1) < 1e-6
+
+
 def test_prm_rewards_match_padded(make_batch, tiny_model_path):
     from prime.train.prm import build_implicit_prm
 
-    batch = make_batch(8, group_size=4, seed=3).replace(scores=torch.tensor([1.0, 0, 1, 0, 0, 1, 1, 1]))
+    batch = make_batch(8, group_size=4, seed=3, same_prompt=True).replace(scores=torch.tensor([1.0, 0, 1, 0, 0, 1, 1, 1]))
     rewards = []
-    for padding_free in (False, True):
+    for padding_free, share in ((False, False), (True, False), (True, True)):
         prm = build_implicit_prm(tiny_model_path, EngineSettings(lr=1e-3, grad_clip=10.0), beta=0.5, mini_batch_size=4,
-                                 max_tokens_per_micro_batch=30, padding_free=padding_free)
+                                 max_tokens_per_micro_batch=30, padding_free=padding_free, share_prompts=share)
         ref = prm.with_reference(batch).ref_logp
         # A fresh PRM equals its reference and both run the same packed passes: q is exactly 0.
         assert torch.equal(prm.log_ratios(batch.replace(ref_logp=ref)), torch.zeros_like(ref))
@@ -80,6 +100,7 @@ def test_prm_rewards_match_padded(make_batch, tiny_model_path):
     # Rewards (up to ~0.2) are beta x log-ratios after one update each, divided by batch_norm's ~1e-2
     # divisor, so the log-prob rounding above comes back a few times larger (3e-7 measured).
     torch.testing.assert_close(rewards[1], rewards[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(rewards[2], rewards[0], atol=1e-5, rtol=0)
 
 
 def test_kl_reference_worker_matches_padded(make_batch, tiny_model_path):
@@ -89,6 +110,10 @@ def test_kl_reference_worker_matches_padded(make_batch, tiny_model_path):
     kw = dict(dtype="float32", max_tokens_per_micro_batch=30, temperature=0.7)
     want, _ = ReferenceWorker(tiny_model_path, **kw).logprobs(batch)
     got, _ = ReferenceWorker(tiny_model_path, padding_free=True, **kw).logprobs(batch)
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+    shared = make_batch(8, group_size=4, seed=1, same_prompt=True)
+    want, _ = ReferenceWorker(tiny_model_path, **kw).logprobs(shared)
+    got, _ = ReferenceWorker(tiny_model_path, padding_free=True, share_prompts=True, **kw).logprobs(shared)
     torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
 
 
