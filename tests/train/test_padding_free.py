@@ -117,16 +117,19 @@ def test_kl_reference_worker_matches_padded(make_batch, tiny_model_path):
     torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
 
 
-def test_zero3_sharded_reference_and_checkpointing(make_batch, tiny_model_path):
+@pytest.mark.parametrize("share", [False, True], ids=["packed", "shared-prompts"])
+def test_zero3_sharded_reference_and_checkpointing(make_batch, tiny_model_path, share):
     """ZeRO-3 partitions, a sharded reference behind an EngineCaller (index tensor as logits_to_keep),
-    and gradient checkpointing (the packed attention recomputed in backward) give the padded numbers."""
+    and gradient checkpointing (the packed attention recomputed in backward) give the padded numbers,
+    with each prompt packed once for its group too."""
     from prime.train.prm import build_implicit_prm
 
-    batch = make_batch(8, group_size=4, seed=3).replace(scores=torch.tensor([1.0, 0, 1, 0, 0, 1, 1, 1]))
+    batch = make_batch(8, group_size=4, seed=3, same_prompt=share).replace(scores=torch.tensor([1.0, 0, 1, 0, 0, 1, 1, 1]))
     settings = EngineSettings(lr=1e-3, zero_stage=3, gradient_checkpointing=True)
     kw = dict(beta=0.5, mini_batch_size=4, max_tokens_per_micro_batch=30, ref_placement="sharded")
     padded = build_implicit_prm(tiny_model_path, settings, **kw)
-    packed = build_implicit_prm(tiny_model_path, settings, padding_free=True, **kw)
+    packed = build_implicit_prm(tiny_model_path, settings, padding_free=True, share_prompts=share, **kw)
+    assert packed.trainer.share_prompts == share
     want, got = padded.with_reference(batch).ref_logp, packed.with_reference(batch).ref_logp
     torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
     assert torch.equal(packed.update_and_rewards(batch, mode="none")[0], torch.zeros_like(got))
