@@ -99,9 +99,8 @@ def max_grad_diff(a: dict, b: dict) -> float:
 
 def run(repeats: int, block_mask: bool, samples: int = 1) -> dict:
     from prime.models.loading import load_model
-    from prime.models.packing import use_packed_attention
+    from prime.models.packing import packed_tokens, use_packed_attention
     from prime.models.tiny import build_tiny_model, tiny_model_preset
-    from launch.stages import unique_tokens
 
     path = build_tiny_model(tempfile.mkdtemp(prefix="bench_packing_"), seed=0, **tiny_model_preset("small"))
     padded_model, packed_model = load_model(path), load_model(path)
@@ -113,7 +112,8 @@ def run(repeats: int, block_mask: bool, samples: int = 1) -> dict:
     if block_mask:
         variants.append(("padding-free, block mask", padded_model, True, False))
     res: dict = {"real_tokens": int(batch.attention_mask.sum()), "padded_tokens": int(batch.input_ids.numel()),
-                 "unique_tokens": unique_tokens(batch), "samples": samples,
+                 "unique_tokens": packed_tokens(batch.input_ids, batch.attention_mask, batch.position_ids,
+                                                batch.response_width, share_prompts=True), "samples": samples,
                  "load_before": load_averages(), "seconds": {}, "runs": {}, "max_abs_diff": {}}
     fns = {name: passes(model, batch, padding_free, share) for name, model, padding_free, share in variants}
     runs_lp, logps = timed_alternating({name: f[0] for name, f in fns.items()}, repeats)

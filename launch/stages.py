@@ -23,7 +23,7 @@ from prime.algo import group_filter_stats, keep_groups
 from prime.data.batch import Batch, pack_sequences
 from prime.data.dataset import PromptDataset, PromptItem
 from prime.data.sampler import PromptSampler
-from prime.models.packing import shared_prompt_rows
+from prime.models.packing import packed_tokens
 from launch.faults import LOST_ERRORS, Recovery, gather_dealt
 from prime.rollout.base import Completion
 from workers.group import ActorGroup, shard_groups
@@ -472,10 +472,8 @@ def response_metrics(batch: Batch) -> dict[str, float]:
 def unique_tokens(batch: Batch) -> int:
     """Real tokens with a prompt counted once for the consecutive rows that share it: what the
     trainers' padding-free passes run with `actor.share_prompts` / `prm.share_prompts`."""
-    real = batch.attention_mask > 0
-    prompt_width = batch.input_ids.shape[1] - batch.response_width
-    shared = shared_prompt_rows(batch.input_ids, real, batch.position_ids, prompt_width)  # [B]
-    return int(real.sum()) - int(real[shared, :prompt_width].sum())
+    return packed_tokens(batch.input_ids, batch.attention_mask, batch.position_ids, batch.response_width,
+                         share_prompts=True)
 
 
 # --------------------------------------------------------------------------------------------------

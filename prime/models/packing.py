@@ -84,6 +84,18 @@ def shared_prompt_rows(input_ids: torch.Tensor, real: torch.Tensor, position_ids
     return shared
 
 
+def packed_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                  response_width: int, share_prompts: bool = False) -> int:
+    """How many tokens `pack_rows` packs for these rows: their real tokens, each prompt once for the
+    consecutive rows that share it with `share_prompts`."""
+    real = attention_mask > 0
+    if not share_prompts:
+        return int(real.sum())
+    P = input_ids.shape[1] - response_width
+    shared = shared_prompt_rows(input_ids, real, position_ids, P)  # [B]
+    return int(real.sum()) - int(real[shared, :P].sum())
+
+
 def pack_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
               response_width: int, share_prompts: bool = False) -> PackedRows:
     """Pack the real tokens of padded rows (the `Batch` layout, responses of width `response_width`).
@@ -147,12 +159,10 @@ def _segments(cu_seq_lens: torch.Tensor | None, position_ids: torch.Tensor | Non
             return None
         bounds = torch.cat([starts.new_zeros(1), starts, starts.new_full((1,), n)])
         lengths = bounds.diff()
-    begins = lengths.cumsum(0) - lengths
-    if pos is None:
-        firsts = [0] * lengths.numel()
-    else:
-        firsts = torch.where(lengths > 0, pos[begins.clamp(max=max(n - 1, 0))], 0).tolist() if n else [0] * lengths.numel()
-    return lengths.tolist(), firsts
+    if pos is None or n == 0:
+        return lengths.tolist(), [0] * lengths.numel()
+    begins = (lengths.cumsum(0) - lengths).clamp(max=n - 1)  # an empty last segment begins at n
+    return lengths.tolist(), pos[begins].masked_fill(lengths == 0, 0).tolist()
 
 
 def _sequences(lengths: list[int], firsts: list[int]) -> list[tuple[int, int, int, int]]:
@@ -264,7 +274,7 @@ def packed_sdpa_attention(module, query: torch.Tensor, key: torch.Tensor, value:
         key, value = repeat_kv(key, query.shape[1] // key.shape[1]), repeat_kv(value, query.shape[1] // key.shape[1])
     groups = attention_buckets([q[1] + q[3] for q in seqs])
     parts = [_causal_sdpa_padded(query, key, value, [seqs[i] for i in g], dropout, scaling, gqa) for g in groups]
-    if len(parts) == 1 and parts[0][0].shape[0] == query.shape[2]:  # every token, in order: token i is row i already
+    if len(parts) == 1:  # all sequences in one group, in order: token i is row i already
         return parts[0][0][None], None
     out = torch.cat([p[0] for p in parts])  # [N, H, D] in group order
     where = torch.empty(query.shape[2], dtype=torch.long, device=query.device)  # [N] row of token i in `out`

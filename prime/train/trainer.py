@@ -34,7 +34,7 @@ import torch
 from prime.data.batch import Batch
 from prime.models.loading import load_model
 from prime.models.logprobs import response_logprobs
-from prime.models.packing import PACKED_ATTENTION, shared_prompt_rows, use_packed_attention
+from prime.models.packing import PACKED_ATTENTION, packed_tokens, use_packed_attention
 from prime.train.batching import make_micro_batches, make_mini_batches
 from prime.train.engine import (
     EngineSettings,
@@ -151,12 +151,7 @@ def pass_tokens(batch: Batch, rows: Sequence[int], padding_free: bool = False, s
     ids, attn, pos, rmask = batch.select(rows).trimmed()
     if not padding_free:
         return int(attn.numel())
-    real = attn > 0
-    if not share_prompts:
-        return int(real.sum())
-    width = ids.shape[1] - rmask.shape[1]
-    shared = shared_prompt_rows(ids, real, pos, width)  # [b]
-    return int(real.sum()) - int(real[shared, :width].sum())
+    return packed_tokens(ids, attn, pos, rmask.shape[1], share_prompts)
 
 
 def synced_max(n: int) -> int:
@@ -179,7 +174,9 @@ def make_plan(batch: Batch, mini_batch_size: int, max_tokens: int, whole_groups:
     if whole_groups:
         batch.require("group_ids")
     gids = batch.group_ids.tolist() if whole_groups else None
-    units = gids if gids is not None or not share_prompts or batch.group_ids is None else batch.group_ids.tolist()
+    units = gids  # rows that must share a micro-batch
+    if units is None and share_prompts and batch.group_ids is not None:
+        units = batch.group_ids.tolist()
     lengths = batch.lengths()
     plan = []
     for mini in make_mini_batches(len(batch), mini_batch_size, gids):

@@ -6,8 +6,8 @@ import torch
 from prime.data.batch import pack_sequences
 from prime.models.loading import load_model
 from prime.models.logprobs import response_logprobs
-from prime.models.packing import (PACKED_ATTENTION, _sequences, attention_buckets, pack_rows, shared_prompt_rows,
-                                  use_packed_attention)
+from prime.models.packing import (PACKED_ATTENTION, _sequences, attention_buckets, pack_rows, packed_tokens,
+                                  shared_prompt_rows, use_packed_attention)
 from prime.models.tiny import build_tiny_model, tiny_model_preset
 
 PAD = 3
@@ -84,6 +84,7 @@ def test_pack_rows_shares_prompts_layout():
     assert p.rows.tolist() == [0, 2, 2, 3] and p.cols.tolist() == [0, 0, 1, 0]
     unshared = pack_rows(*args)
     assert unshared.input_ids.tolist() == [[5, 6, 8, 5, 6, 5, 6, 9, 10, 7, 11]]
+    assert packed_tokens(*args, share_prompts=True) == 7 and packed_tokens(*args) == 11
     assert torch.equal(unshared.targets, unshared.keep + 1)
 
 
